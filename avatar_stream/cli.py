@@ -1,0 +1,71 @@
+"""The ``avatar-stream`` command line."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import sys
+
+from .config import IceServer, ServerConfig
+
+
+def _add_serve(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser("serve", help="run the avatar server")
+    p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
+    p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
+    p.add_argument("--engine", default="warp", help="animation engine (default warp, CPU)")
+    p.add_argument("--avatar", metavar="IMAGE", help="reference photo with one clear face "
+                   "(default: a bundled public-domain portrait)")
+    p.add_argument("--max-sessions", type=int, default=8, help="sessions at once; more get 503")
+    p.add_argument("--ice-server", action="append", default=[], metavar="URL",
+                   help="STUN/TURN URL handed to the peers (repeatable), e.g. turn:host:3478")
+    p.add_argument("--ice-username", help="username for the TURN servers")
+    p.add_argument("--ice-credential", help="credential for the TURN servers")
+    p.add_argument("--ice-host-addresses", metavar="ADDR[,ADDR]",
+                   help="only offer/accept ICE host candidates on these addresses "
+                        "(e.g. 127.0.0.1 for loopback-only tests)")
+    p.add_argument("--engine-threads", type=int, help="engine worker threads")
+    p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def serve_config(args: argparse.Namespace) -> ServerConfig:
+    ice = [
+        IceServer((url,), args.ice_username, args.ice_credential)
+        if url.startswith("turn")
+        else IceServer((url,))
+        for url in args.ice_server
+    ]
+    hosts = [a.strip() for a in args.ice_host_addresses.split(",")] if args.ice_host_addresses \
+        else None
+    return ServerConfig(
+        host=args.host,
+        port=args.port,
+        engine=args.engine,
+        avatar=args.avatar,
+        ice_servers=ice,
+        ice_host_addresses=hosts,
+        max_sessions=args.max_sessions,
+        engine_threads=args.engine_threads,
+    )
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="avatar-stream", description=__doc__)
+    sub = parser.add_subparsers(dest="command", required=True)
+    _add_serve(sub)
+    args = parser.parse_args(argv)
+    logging.basicConfig(
+        level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("aioice", "aiortc"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    if args.command == "serve":
+        from .server import run
+
+        run(serve_config(args))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,130 @@
+"""Speech ingest: any audio (WebRTC frames, PCM at any rate) to 16 kHz float32 mono.
+
+Resampling is soxr's streaming resampler, one per source, so chunk boundaries leave no
+clicks. Live speech (a microphone track) is cut into utterances with an energy gate and a
+hangover, so silence between utterances is not queued (the avatar idles instead) and the
+queue's backlog can shrink in pauses.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import av
+import numpy as np
+import soxr
+
+from .engines.base import SAMPLE_RATE
+
+
+def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
+    """Decode a PyAV audio frame (packed or planar, int or float) to float32 mono."""
+    data = frame.to_ndarray()
+    channels = len(frame.layout.channels)
+    if frame.format.is_planar:
+        data = data.reshape(channels, -1)
+    else:
+        data = data.reshape(-1, channels).T
+    samples = pcm_to_float(data)
+    return samples.mean(axis=0, dtype=np.float32) if channels > 1 else samples[0]
+
+
+def pcm_to_float(data: np.ndarray) -> np.ndarray:
+    """Integer PCM to float32 in [-1, 1]; float input is passed through, NaN/inf zeroed."""
+    if data.dtype == np.int16:
+        return data.astype(np.float32) / 32768.0
+    if data.dtype == np.int32:
+        return (data.astype(np.float64) / 2147483648.0).astype(np.float32)
+    if data.dtype == np.uint8:
+        return (data.astype(np.float32) - 128.0) / 128.0
+    out = np.asarray(data, dtype=np.float32)
+    if not np.all(np.isfinite(out)):
+        out = np.nan_to_num(out, nan=0.0, posinf=0.0, neginf=0.0)
+    return np.clip(out, -1.0, 1.0)
+
+
+def float_to_s16(samples: np.ndarray) -> np.ndarray:
+    return (np.clip(samples, -1.0, 1.0) * 32767.0).astype(np.int16)
+
+
+class Resampler:
+    """Streaming mono resampler to a fixed output rate; re-creates itself if the input rate changes."""
+
+    def __init__(self, out_rate: int = SAMPLE_RATE, quality: str = "HQ") -> None:
+        self.out_rate = out_rate
+        self.quality = quality
+        self._in_rate: int | None = None
+        self._stream: soxr.ResampleStream | None = None
+
+    def __call__(self, samples: np.ndarray, in_rate: int) -> np.ndarray:
+        samples = np.ascontiguousarray(samples, dtype=np.float32)
+        if in_rate == self.out_rate:
+            return samples
+        if in_rate != self._in_rate or self._stream is None:
+            self._in_rate = in_rate
+            self._stream = soxr.ResampleStream(in_rate, self.out_rate, 1, np.float32, self.quality)
+        return self._stream.resample_chunk(samples)
+
+
+def rms_dbfs(samples: np.ndarray) -> float:
+    if len(samples) == 0:
+        return -120.0
+    rms = float(np.sqrt(np.mean(np.square(samples, dtype=np.float64))))
+    return 20.0 * np.log10(max(rms, 1e-6))
+
+
+class LiveSpeechGate:
+    """Turns a continuous 16 kHz stream into utterances (energy gate with hangover).
+
+    ``feed`` returns what to queue: ``(utterance_id, samples, ended)`` pieces. Silence
+    outside an utterance is dropped; silence inside one is kept (pauses between words)
+    unless the backlog is already above ``max_backlog_s``, so a slow start never turns
+    into latency that lasts. After ``cancel()`` (barge-in) the rest of the current
+    utterance is dropped until the speaker pauses.
+    """
+
+    def __init__(
+        self,
+        prefix: str = "mic",
+        threshold_dbfs: float = -45.0,
+        hangover_s: float = 0.4,
+        max_backlog_s: float = 0.08,
+    ) -> None:
+        self.prefix = prefix
+        self.threshold_dbfs = threshold_dbfs
+        self.hangover_samples = int(hangover_s * SAMPLE_RATE)
+        self.max_backlog_s = max_backlog_s
+        self._ids = itertools.count(1)
+        self.current: str | None = None
+        self._quiet = 0  # samples of silence since the last loud block
+        self._cancelled = False
+
+    def feed(
+        self, samples: np.ndarray, backlog_s: float
+    ) -> list[tuple[str, np.ndarray | None]]:
+        """Returns ``(utterance_id, samples)`` to push, or ``(utterance_id, None)`` to end it."""
+        loud = rms_dbfs(samples) > self.threshold_dbfs
+        out: list[tuple[str, np.ndarray | None]] = []
+        if loud:
+            self._quiet = 0
+            if self.current is None and not self._cancelled:
+                self.current = f"{self.prefix}-{next(self._ids)}"
+        else:
+            self._quiet += len(samples)
+            if self._quiet >= self.hangover_samples:
+                self._cancelled = False
+                if self.current is not None:
+                    out.append((self.current, None))
+                    self.current = None
+                return out
+        if self.current is None:
+            return out
+        if loud or backlog_s < self.max_backlog_s:
+            out.append((self.current, samples))
+        return out
+
+    def cancel(self) -> None:
+        """Barge-in: the utterance being spoken is dropped until its speaker pauses."""
+        if self.current is not None:
+            self._cancelled = True
+            self.current = None

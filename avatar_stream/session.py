@@ -1,0 +1,241 @@
+"""One avatar session: a peer connection, its speech queue, engine stream and synchronizer.
+
+A session ends the same way whatever ends it (DELETE, the peer failing or closing, a
+connect timeout, server shutdown): ``close()`` stops the tasks, the tracks, the peer
+connection and the engine stream, and drops its queues.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtcdatachannel import RTCDataChannel
+
+from .config import ServerConfig
+from .engines.base import Avatar, Engine, EngineStream
+from .ice import filter_candidates, rtc_configuration
+from .ingest import LiveSpeechGate, Resampler, frame_to_mono
+from .speechqueue import SpeechQueue, SpeechQueueFull
+from .synchronizer import Event, Synchronizer
+from .tracks import PacedTrack
+from .worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+
+class OfferError(ValueError):
+    """The client's offer cannot start a session (HTTP 400)."""
+
+
+class Session:
+    def __init__(
+        self,
+        engine: Engine,
+        avatar: Avatar,
+        worker: EngineWorker,
+        config: ServerConfig,
+        on_closed: Callable[[Session], None] | None = None,
+    ) -> None:
+        self.id = secrets.token_urlsafe(12)
+        self.avatar = avatar
+        self.engine = engine
+        self.worker = worker
+        self.config = config
+        self._on_closed = on_closed
+        self.pc = RTCPeerConnection(rtc_configuration(config.ice_servers))
+        self.video = PacedTrack("video", maxlen=2)
+        self.audio = PacedTrack("audio", maxlen=4)
+        self.speech = SpeechQueue(config.speech_queue_s)
+        self.gate = LiveSpeechGate()
+        self.stream: EngineStream | None = None
+        self.sync: Synchronizer | None = None
+        self.channel: RTCDataChannel | None = None
+        self.listeners: list[Callable[[Event], None]] = []
+        self.closed = asyncio.Event()
+        self._closing = False
+        self._ready_sent = False
+        self._tasks: set[asyncio.Task[Any]] = set()
+        self.mic_dropped_s = 0.0
+
+    # -- set-up ----------------------------------------------------------------------
+
+    async def accept(self, offer_sdp: str) -> str:
+        """Answer the client's offer; on failure the session is closed and OfferError raised."""
+        try:
+            return await self._accept(offer_sdp)
+        except Exception:
+            await self.close("offer rejected")
+            raise
+
+    async def _accept(self, offer_sdp: str) -> str:
+        sdp = filter_candidates(offer_sdp, self.config.ice_host_addresses)
+        try:
+            await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
+        except Exception as exc:  # aiortc raises several kinds on a malformed SDP
+            raise OfferError(f"invalid SDP offer: {exc}") from exc
+        kinds = [t.kind for t in self.pc.getTransceivers()]
+        if "video" not in kinds:
+            raise OfferError("the offer has no video m-line to receive the avatar on")
+        self.stream, _ = await self.worker.run(self.engine.open_stream, self.avatar)
+        self.sync = Synchronizer(
+            self.stream, self.worker, self.speech, self.video, self.audio, self.emit
+        )
+        self._wire_events()
+        self.pc.addTrack(self.video)
+        if "audio" in kinds:
+            self.pc.addTrack(self.audio)
+        answer = await self.pc.createAnswer()
+        await self.pc.setLocalDescription(answer)
+        self._spawn(self._connect_timeout())
+        return self.pc.localDescription.sdp
+
+    def _wire_events(self) -> None:
+        pc = self.pc
+
+        @pc.on("track")
+        def on_track(track: MediaStreamTrack) -> None:
+            if track.kind == "audio":
+                self._spawn(self._ingest(track))
+            else:
+                self._spawn(_drain(track))  # nothing to do with client video, but drain it
+
+        @pc.on("datachannel")
+        def on_datachannel(channel: RTCDataChannel) -> None:
+            if channel.label != "control":
+                return
+            self.channel = channel
+            channel.on("message", self._on_message)
+            self._maybe_ready()
+
+        @pc.on("connectionstatechange")
+        async def on_state() -> None:
+            state = pc.connectionState
+            log.info("session %s: %s", self.id, state)
+            if state == "connected" and self.sync:
+                self.sync.start()
+                self._maybe_ready()
+            elif state in ("failed", "closed"):
+                await self.close(f"peer connection {state}")
+
+    async def _connect_timeout(self) -> None:
+        await asyncio.sleep(self.config.connect_timeout_s)
+        if self.pc.connectionState != "connected":
+            await self.close("connect timeout")
+
+    # -- speech in -------------------------------------------------------------------
+
+    async def _ingest(self, track: MediaStreamTrack) -> None:
+        """Drain the client's audio (aiortc's queue is unbounded) into the speech queue."""
+        resample = Resampler()
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            pcm = resample(frame_to_mono(frame), frame.sample_rate)
+            for utterance, samples in self.gate.feed(pcm, self.speech.seconds):
+                if samples is None:
+                    self.speech.end(utterance)
+                    continue
+                try:
+                    self.speech.push(samples, utterance)
+                except SpeechQueueFull:
+                    self.mic_dropped_s += len(samples) / 16000
+
+    # -- control ---------------------------------------------------------------------
+
+    def _on_message(self, message: str | bytes) -> None:
+        if isinstance(message, bytes):
+            self.emit({"type": "error", "message": "binary messages are not accepted here"})
+            return
+        try:
+            msg = json.loads(message)
+            kind = msg["type"]
+        except (ValueError, KeyError, TypeError):
+            self.emit({"type": "error", "message": "control messages are JSON objects with a 'type'"})
+            return
+        if kind == "interrupt":
+            self.interrupt()
+        elif kind == "ping":
+            self.emit({"type": "pong"})
+        else:
+            self.emit({"type": "error", "message": f"unknown control message type {kind!r}"})
+
+    def interrupt(self) -> list[str]:
+        """Barge-in: stop speaking now and go back to idle."""
+        self.gate.cancel()
+        return self.sync.interrupt() if self.sync else self.speech.clear()
+
+    # -- events out ------------------------------------------------------------------
+
+    def emit(self, event: Event) -> None:
+        if self.channel is not None and self.channel.readyState == "open":
+            self.channel.send(json.dumps(event))
+        for listener in list(self.listeners):
+            listener(event)
+
+    def _maybe_ready(self) -> None:
+        if self._ready_sent or self.sync is None or not self.sync.running:
+            return
+        if self.channel is None or self.channel.readyState != "open":
+            return
+        self._ready_sent = True
+        self.emit({"type": "ready", "session_id": self.id, "avatar": self.avatar.info()})
+
+    # -- teardown --------------------------------------------------------------------
+
+    def _spawn(self, coro: Any) -> None:
+        task = asyncio.create_task(coro)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, reason: str = "closed") -> None:
+        if self._closing:
+            await self.closed.wait()
+            return
+        self._closing = True
+        log.info("session %s ends: %s", self.id, reason)
+        current = asyncio.current_task()
+        for task in list(self._tasks):
+            if task is not current:
+                task.cancel()
+        if self.sync:
+            await self.sync.stop()
+        self.video.stop()
+        self.audio.stop()
+        with contextlib.suppress(Exception):
+            await self.pc.close()
+        for task in list(self._tasks):
+            if task is not current:
+                with contextlib.suppress(asyncio.CancelledError, Exception):
+                    await task
+        if self.stream is not None:
+            await self.worker.run(self.stream.close)
+        self.speech.clear()
+        self.listeners.clear()
+        self.closed.set()
+        if self._on_closed:
+            self._on_closed(self)
+
+    def stats(self) -> dict[str, Any]:
+        sync = self.sync.stats if self.sync else None
+        return {
+            "session_id": self.id,
+            "state": self.pc.connectionState,
+            "speech_queued_s": round(self.speech.seconds, 3),
+            **({k: round(v, 5) for k, v in vars(sync).items()} if sync else {}),
+        }
+
+
+async def _drain(track: MediaStreamTrack) -> None:
+    with contextlib.suppress(MediaStreamError):
+        while True:
+            await track.recv()

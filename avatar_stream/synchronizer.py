@@ -1,0 +1,336 @@
+"""The synchronizer: the one place that owns a session's audio/video timing.
+
+Two tasks share one media clock:
+
+- the producer asks the engine (on the worker) for the next step's frames, feeding it the
+  speech those frames are made from, and pairs each frame with its 40 ms of audio. It
+  makes idle frames only just before they are due, so speech that arrives is never queued
+  behind idle frames it could have replaced;
+- the pacer wakes every 20 ms on the clock and hands the tracks what is due: on even ticks
+  a video frame and the first 20 ms of its audio, on odd ticks the second 20 ms. A frame
+  and its audio therefore leave together, and both tracks carry timestamps of one clock.
+
+Speech is never skipped: when a frame is late the clock slips instead. Barge-in drops
+everything queued, fades the audio now playing over 20 ms, and resets the engine stream.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import fractions
+import logging
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import av
+import cv2
+import numpy as np
+
+from .clock import MediaClock
+from .engines.base import FPS, FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME, EngineStream
+from .ingest import Resampler, float_to_s16
+from .speechqueue import Segment, SpeechQueue, split_segments
+from .tracks import PacedTrack
+from .worker import EngineWorker
+
+log = logging.getLogger(__name__)
+
+OUT_RATE = 48_000
+OUT_SAMPLES_PER_FRAME = OUT_RATE // FPS  # 1920: two 20 ms audio frames per video frame
+OUT_HALF = OUT_SAMPLES_PER_FRAME // 2
+VIDEO_TIME_BASE = fractions.Fraction(1, 90_000)
+VIDEO_PTS_PER_FRAME = 90_000 // FPS  # 3600
+AUDIO_TIME_BASE = fractions.Fraction(1, OUT_RATE)
+
+Event = dict[str, Any]
+
+
+@dataclass
+class OutputFrame:
+    """A frame ready to go, with the audio it was made from (48 kHz s16)."""
+
+    yuv: np.ndarray  # (768, 512) I420
+    audio: np.ndarray  # (1920,) int16
+    segments: list[Segment] = field(default_factory=list)
+
+    @property
+    def speaking(self) -> bool:
+        return any(s.count for s in self.segments)
+
+
+@dataclass
+class SyncStats:
+    frames_generated: int = 0
+    frames_sent: int = 0
+    frames_dropped: int = 0  # made, then dropped by a barge-in
+    underruns: int = 0  # a frame was not ready at its deadline
+    fillers: int = 0  # the previous picture sent again because nothing came
+    step_time_s: float = 0.0  # smoothed engine step time
+    interrupts: int = 0
+
+
+def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
+    return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
+
+
+class Synchronizer:
+    def __init__(
+        self,
+        stream: EngineStream,
+        worker: EngineWorker,
+        speech: SpeechQueue,
+        video: PacedTrack,
+        audio: PacedTrack,
+        emit: Callable[[Event], None],
+        *,
+        lead_frames: int = 2,
+        late_wait_s: float = 0.06,
+        on_step: Callable[[float], None] | None = None,
+    ) -> None:
+        self.stream = stream
+        self.worker = worker
+        self.speech = speech
+        self.video = video
+        self.audio = audio
+        self.emit = emit
+        self.on_step = on_step
+        self.frames_per_step = stream.frames_per_step
+        # frames that may wait made-but-unsent: one step plus a little lead for speech
+        # that arrives ahead of playout
+        self.max_queued = self.frames_per_step + lead_frames
+        self.late_wait_s = late_wait_s
+        self.clock = MediaClock(FPS)
+        self.stats = SyncStats()
+        self._out: deque[OutputFrame] = deque()
+        self._released = 0  # video frames released so far = index of the next one
+        self._pending_half: np.ndarray | None = None  # second 20 ms of the current frame
+        self._last_yuv: np.ndarray | None = None
+        self._upsampler = Resampler(OUT_RATE)
+        self._audio_fifo = np.zeros(0, dtype=np.float32)
+        self._epoch = 0
+        self._reset_pending = False
+        self._wake_producer = asyncio.Event()
+        self._produced = asyncio.Event()
+        self._started: dict[str, int] = {}  # utterance -> 16 kHz samples played so far
+        self._tasks: list[asyncio.Task[None]] = []
+
+    # -- lifecycle -------------------------------------------------------------------
+
+    def start(self) -> None:
+        if self._tasks:
+            return
+        self.clock.start()
+        self._tasks = [
+            asyncio.create_task(self._produce(), name="producer"),
+            asyncio.create_task(self._pace(), name="pacer"),
+        ]
+
+    @property
+    def running(self) -> bool:
+        return bool(self._tasks)
+
+    async def stop(self) -> None:
+        for task in self._tasks:
+            task.cancel()
+        for task in self._tasks:
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await task
+        self._tasks = []
+        self._out.clear()
+        self._audio_fifo = np.zeros(0, dtype=np.float32)
+
+    @property
+    def queued_frames(self) -> int:
+        return len(self._out)
+
+    @property
+    def speaking(self) -> bool:
+        return bool(self._started)
+
+    def notify_speech(self) -> None:
+        """New speech was queued: the producer may use it now instead of an idle frame."""
+        self._wake_producer.set()
+
+    # -- barge-in --------------------------------------------------------------------
+
+    def interrupt(self) -> list[str]:
+        """Drop queued speech and frames, fade out, go idle; returns the utterances cut."""
+        self.stats.interrupts += 1
+        self._epoch += 1
+        self._reset_pending = True
+        cut = list(self._started)
+        for item in self._out:
+            cut += [s.utterance_id for s in item.segments if s.count]
+        cut += self.speech.clear()
+        self.stats.frames_dropped += len(self._out)
+        self._out.clear()
+        if self._pending_half is not None:
+            ramp = np.linspace(1.0, 0.0, len(self._pending_half), dtype=np.float32)
+            self._pending_half = (self._pending_half * ramp).astype(np.int16)
+        self._upsampler = Resampler(OUT_RATE)
+        self._audio_fifo = np.zeros(0, dtype=np.float32)
+        cut = list(dict.fromkeys(cut))
+        for uid in cut:
+            played = self._started.pop(uid, 0)
+            self.emit(
+                {
+                    "type": "speech.finished",
+                    "utterance_id": uid,
+                    "position_s": round(played / SAMPLE_RATE, 3),
+                    "interrupted": True,
+                }
+            )
+        self._wake_producer.set()
+        return cut
+
+    # -- producer --------------------------------------------------------------------
+
+    def _margin(self) -> float:
+        """How long before a frame's deadline its step must start."""
+        return 0.012 + 2.0 * self.stats.step_time_s
+
+    async def _wait_producer(self, until: float | None) -> None:
+        self._wake_producer.clear()
+        self.speech.changed.clear()
+        waits = [asyncio.ensure_future(self._wake_producer.wait())]
+        waits.append(asyncio.ensure_future(self.speech.changed.wait()))
+        timeout = None if until is None else max(0.0, until - self.clock.now())
+        try:
+            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for w in waits:
+                w.cancel()
+
+    async def _produce(self) -> None:
+        need = self.frames_per_step * SAMPLES_PER_FRAME
+        while True:
+            if len(self._out) + self.frames_per_step > self.max_queued:
+                await self._wait_producer(None)
+                continue
+            start_by = self.clock.deadline(self._released + len(self._out)) - self._margin()
+            if self.speech.available < need and self.clock.now() < start_by:
+                # not a full step of speech yet: wait for more, or until we must make a frame
+                if self.speech.waiting_for_more or not self.speech.available:
+                    await self._wait_producer(start_by)
+                    continue
+            speaking = self.speech.available > 0
+            samples, segments = self.speech.take(need if speaking else 0)
+            await self._step(samples if speaking else None, segments)
+
+    async def _step(self, speech: np.ndarray | None, segments: list[Segment]) -> None:
+        epoch = self._epoch
+        if self._reset_pending:
+            self._reset_pending = False
+            await self.worker.run(self.stream.reset)
+        frames, elapsed = await self.worker.run(self._render, speech)
+        st = self.stats
+        st.step_time_s = elapsed if not st.step_time_s else 0.9 * st.step_time_s + 0.1 * elapsed
+        st.frames_generated += len(frames)
+        if self.on_step:
+            self.on_step(elapsed)
+        if epoch != self._epoch:  # a barge-in came while the step ran
+            st.frames_dropped += len(frames)
+            return
+        n = len(frames)
+        pcm = speech if speech is not None else np.zeros(n * SAMPLES_PER_FRAME, np.float32)
+        audio = self._to_out_rate(pcm, n)
+        per_frame = split_segments(segments, n, SAMPLES_PER_FRAME)
+        for i, yuv in enumerate(frames):
+            chunk = audio[i * OUT_SAMPLES_PER_FRAME : (i + 1) * OUT_SAMPLES_PER_FRAME]
+            self._out.append(OutputFrame(yuv, float_to_s16(chunk), per_frame[i]))
+        self._produced.set()
+
+    def _render(self, speech: np.ndarray | None) -> list[np.ndarray]:
+        """Worker thread: one engine step, converted to what the encoder wants."""
+        return [rgb_to_i420(f) for f in self.stream.step(speech)]
+
+    def _to_out_rate(self, pcm16k: np.ndarray, frames: int) -> np.ndarray:
+        """16 kHz -> 48 kHz, streaming, exactly 1920 samples per frame out."""
+        self._audio_fifo = np.concatenate([self._audio_fifo, self._upsampler(pcm16k, SAMPLE_RATE)])
+        want = frames * OUT_SAMPLES_PER_FRAME
+        if len(self._audio_fifo) < want:  # only at the start: the resampler's own delay
+            pad = np.zeros(want - len(self._audio_fifo), np.float32)
+            self._audio_fifo = np.concatenate([pad, self._audio_fifo])
+        out, self._audio_fifo = self._audio_fifo[:want], self._audio_fifo[want:]
+        return out
+
+    # -- pacer -----------------------------------------------------------------------
+
+    async def _pace(self) -> None:
+        tick = 0  # 20 ms audio ticks; video frame k goes out on tick 2k
+        while True:
+            await self.clock.wait(tick / 2)
+            if tick % 2 == 0:
+                await self._release_frame()
+            else:
+                half = self._pending_half
+                self._pending_half = None
+                self._send_audio(half if half is not None else np.zeros(OUT_HALF, np.int16), tick)
+            tick += 1
+
+    async def _release_frame(self) -> None:
+        item = self._out.popleft() if self._out else None
+        if item is None:
+            self.stats.underruns += 1
+            item = await self._wait_for_frame()
+        self._wake_producer.set()
+        if item is None:  # nothing came in time: show the last picture again, silent
+            self.stats.fillers += 1
+            yuv = self._last_yuv if self._last_yuv is not None else _black_i420()
+            item = OutputFrame(yuv, np.zeros(OUT_SAMPLES_PER_FRAME, np.int16))
+        k = self._released
+        self._released += 1
+        frame = av.VideoFrame.from_ndarray(item.yuv, format="yuv420p")
+        frame.pts = k * VIDEO_PTS_PER_FRAME
+        frame.time_base = VIDEO_TIME_BASE
+        self.video.put(frame)
+        self._last_yuv = item.yuv
+        self.stats.frames_sent += 1
+        self._send_audio(item.audio[:OUT_HALF], 2 * k)
+        self._pending_half = item.audio[OUT_HALF:]
+        self._playout_events(item.segments)
+
+    async def _wait_for_frame(self) -> OutputFrame | None:
+        """A frame is late: wait a little for it, and move the clock by what we waited."""
+        t = self.clock.now()
+        self._produced.clear()
+        with contextlib.suppress(asyncio.TimeoutError):
+            await asyncio.wait_for(self._produced.wait(), self.late_wait_s)
+        if not self._out:
+            return None
+        self.clock.slip(self.clock.now() - t)
+        return self._out.popleft()
+
+    def _send_audio(self, samples: np.ndarray, tick: int) -> None:
+        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
+        frame.sample_rate = OUT_RATE
+        frame.pts = tick * OUT_HALF
+        frame.time_base = AUDIO_TIME_BASE
+        self.audio.put(frame)
+
+    def _playout_events(self, segments: list[Segment]) -> None:
+        for s in segments:
+            if s.count and s.utterance_id not in self._started:
+                self._started[s.utterance_id] = 0
+                self.emit({"type": "speech.started", "utterance_id": s.utterance_id})
+            if s.utterance_id in self._started:
+                self._started[s.utterance_id] += s.count
+            if s.end:
+                played = self._started.pop(s.utterance_id, 0)
+                self.emit(
+                    {
+                        "type": "speech.finished",
+                        "utterance_id": s.utterance_id,
+                        "position_s": round(played / SAMPLE_RATE, 3),
+                        "interrupted": False,
+                    }
+                )
+
+
+def _black_i420() -> np.ndarray:
+    yuv = np.full((FRAME_SIZE * 3 // 2, FRAME_SIZE), 128, np.uint8)
+    yuv[:FRAME_SIZE] = 16
+    return yuv
