@@ -7,8 +7,10 @@ request never touches another session.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
 from pathlib import Path
@@ -243,6 +245,23 @@ async def delete_session(request: web.Request) -> web.Response:
 async def interrupt_session(request: web.Request) -> web.Response:
     cut = _session(request).interrupt()
     return web.json_response({"interrupted": cut})
+
+
+@contextlib.asynccontextmanager
+async def running_server(
+    config: ServerConfig, state: ServerState | None = None
+) -> AsyncIterator[tuple[str, ServerState]]:
+    """The real server on this event loop (port 0 = any free port); yields its URL."""
+    state = state or await load_state(config)
+    runner = web.AppRunner(create_app(state))
+    await runner.setup()
+    site = web.TCPSite(runner, config.host, config.port)
+    await site.start()
+    port = runner.addresses[0][1]
+    try:
+        yield f"http://{config.host}:{port}", state
+    finally:
+        await runner.cleanup()
 
 
 def run(config: ServerConfig) -> None:

@@ -1,0 +1,1 @@
+"""The latency benchmark: a real WebRTC client and the estimators it reports with."""

@@ -1,0 +1,106 @@
+"""Estimators: loudness envelopes on a wall-clock grid and the lag between two of them.
+
+Audio is compared by its loudness envelope, not its waveform: the speech comes back
+resampled and through Opus, so samples do not match, but the envelope does.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+
+HOP_S = 0.005  # envelope grid
+
+
+def frame_envelope(
+    times: Sequence[float], frames: Sequence[np.ndarray], rate: int, hop_s: float = HOP_S
+) -> tuple[np.ndarray, np.ndarray]:
+    """RMS per ``hop_s`` of frames that each started at ``times[i]``; returns (t, rms)."""
+    hop = int(rate * hop_s)
+    ts: list[float] = []
+    rms: list[float] = []
+    for t, frame in zip(times, frames):
+        for j in range(len(frame) // hop):
+            block = frame[j * hop : (j + 1) * hop].astype(np.float64)
+            ts.append(t + j * hop_s)
+            rms.append(float(np.sqrt(np.mean(block * block))))
+    return np.asarray(ts), np.asarray(rms)
+
+
+def signal_envelope(
+    t0: float, samples: np.ndarray, rate: int, hop_s: float = HOP_S
+) -> tuple[np.ndarray, np.ndarray]:
+    """Envelope of a continuous signal whose first sample is at ``t0``."""
+    hop = int(rate * hop_s)
+    n = len(samples) // hop
+    blocks = samples[: n * hop].astype(np.float64).reshape(n, hop)
+    return t0 + np.arange(n) * hop_s, np.sqrt(np.mean(blocks * blocks, axis=1))
+
+
+def on_grid(t: np.ndarray, y: np.ndarray, start: float, stop: float, hop_s: float = HOP_S
+            ) -> np.ndarray:
+    grid = np.arange(start, stop, hop_s)
+    if len(t) == 0:
+        return np.zeros(len(grid))
+    order = np.argsort(t)
+    return np.interp(grid, t[order], y[order], left=0.0, right=0.0)
+
+
+def best_lag(
+    reference: np.ndarray, delayed: np.ndarray, max_lag_s: float, hop_s: float = HOP_S,
+    min_lag_s: float = 0.0,
+) -> tuple[float, float]:
+    """Lag (s) at which ``delayed`` best matches ``reference`` and the Pearson r there.
+
+    Both are on the same grid. The peak is refined with a parabola through its neighbours,
+    so the answer is finer than the grid.
+    """
+    lo, hi = int(round(min_lag_s / hop_s)), int(round(max_lag_s / hop_s))
+    lags = np.arange(lo, hi + 1)
+    scores = np.array([_pearson(reference, delayed, lag) for lag in lags])
+    if not np.isfinite(scores).any():
+        return float("nan"), float("nan")
+    i = int(np.nanargmax(scores))
+    shift = 0.0
+    if 0 < i < len(scores) - 1 and np.isfinite(scores[i - 1 : i + 2]).all():
+        a, b, c = scores[i - 1], scores[i], scores[i + 1]
+        denom = a - 2 * b + c
+        if denom < 0:
+            shift = 0.5 * (a - c) / denom
+    return float((lags[i] + shift) * hop_s), float(scores[i])
+
+
+def _pearson(ref: np.ndarray, sig: np.ndarray, lag: int) -> float:
+    """r between ref[i] and sig[i + lag]."""
+    if lag >= 0:
+        a, b = ref[: len(ref) - lag] if lag else ref, sig[lag:]
+    else:
+        a, b = ref[-lag:], sig[: len(sig) + lag]
+    n = min(len(a), len(b))
+    a, b = a[:n], b[:n]
+    if n < 10 or a.std() == 0 or b.std() == 0:
+        return float("nan")
+    return float(np.corrcoef(a, b)[0, 1])
+
+
+def echo_lag(
+    sent_t0: float, sent: np.ndarray, sent_rate: int,
+    recv_t: Sequence[float], recv: Sequence[np.ndarray], recv_rate: int,
+    max_lag_s: float = 1.0,
+) -> tuple[float, float]:
+    """How much later the sent speech came back, and how well it matches (r)."""
+    st, se = signal_envelope(sent_t0, sent, sent_rate)
+    rt, re = frame_envelope(recv_t, recv, recv_rate)
+    if len(st) == 0 or len(rt) == 0:
+        return float("nan"), float("nan")
+    start, stop = st[0], max(st[-1], rt[-1])
+    return best_lag(on_grid(st, se, start, stop), on_grid(rt, re, start, stop), max_lag_s)
+
+
+def mouth_motion(crops: Sequence[np.ndarray]) -> np.ndarray:
+    """Per frame: mean absolute change of the mouth region from the previous frame."""
+    out = np.zeros(len(crops))
+    for i in range(1, len(crops)):
+        out[i] = np.mean(np.abs(crops[i].astype(np.int16) - crops[i - 1].astype(np.int16)))
+    return out
