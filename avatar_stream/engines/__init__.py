@@ -1,0 +1,41 @@
+"""Engines behind one interface (``base.py``); each engine in its own module, imported lazily."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from .base import (
+    FPS,
+    FRAME_SIZE,
+    SAMPLE_RATE,
+    SAMPLES_PER_FRAME,
+    Avatar,
+    AvatarError,
+    Engine,
+    EngineStream,
+)
+
+ENGINES = ("warp",)
+
+
+def create_engine(name: str, **options: Any) -> Engine:
+    """Load an engine by name (``--engine``)."""
+    if name == "warp":
+        from .warp import WarpEngine
+
+        return WarpEngine(**options)
+    raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
+
+
+__all__ = [
+    "ENGINES",
+    "FPS",
+    "FRAME_SIZE",
+    "SAMPLE_RATE",
+    "SAMPLES_PER_FRAME",
+    "Avatar",
+    "AvatarError",
+    "Engine",
+    "EngineStream",
+    "create_engine",
+]
