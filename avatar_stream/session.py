@@ -77,6 +77,7 @@ class Session:
 
     async def _accept(self, offer_sdp: str) -> str:
         sdp = filter_candidates(offer_sdp, self.config.ice_host_addresses)
+        self._wire_events()  # "track" fires inside setRemoteDescription
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:  # aiortc raises several kinds on a malformed SDP
@@ -88,7 +89,6 @@ class Session:
         self.sync = Synchronizer(
             self.stream, self.worker, self.speech, self.video, self.audio, self.emit
         )
-        self._wire_events()
         self.pc.addTrack(self.video)
         if "audio" in kinds:
             self.pc.addTrack(self.audio)
