@@ -22,7 +22,7 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from .config import ServerConfig
 from .engines.base import Avatar, Engine, EngineStream
 from .ice import filter_candidates, rtc_configuration
-from .ingest import LiveSpeechGate, Resampler, frame_to_mono
+from .ingest import LiveSpeechGate, Resampler, frame_to_mono, receive_audio_immediately
 from .speechqueue import SpeechQueue, SpeechQueueFull
 from .synchronizer import Event, Synchronizer
 from .tracks import PacedTrack
@@ -82,6 +82,7 @@ class Session:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:  # aiortc raises several kinds on a malformed SDP
             raise OfferError(f"invalid SDP offer: {exc}") from exc
+        receive_audio_immediately(self.pc)
         kinds = [t.kind for t in self.pc.getTransceivers()]
         if "video" not in kinds:
             raise OfferError("the offer has no video m-line to receive the avatar on")

@@ -94,11 +94,16 @@ class SpeechQueue:
         self._chunks.append(_Chunk(utterance_id, None))
         self.changed.set()
 
-    def take(self, n: int) -> tuple[np.ndarray, list[Segment]]:
-        """Take up to ``n`` samples (zero-padded to ``n``) and the end markers right after them."""
+    def take(self, n: int, pad_front: bool = False) -> tuple[np.ndarray, list[Segment]]:
+        """Take up to ``n`` samples and the end markers right after them, zero-padded to ``n``.
+
+        With ``pad_front`` the silence goes before the samples: use it when more of the
+        utterance is still coming, so what follows stays contiguous with them (a short
+        pause before a word, not a hole inside it).
+        """
         out = np.zeros(n, dtype=np.float32)
         segments: list[Segment] = []
-        pos = 0
+        pos = max(0, n - self._available) if pad_front else 0
         while self._chunks:
             chunk = self._chunks[0]
             if chunk.samples is None:

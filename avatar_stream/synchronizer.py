@@ -70,6 +70,7 @@ class SyncStats:
     fillers: int = 0  # the previous picture sent again because nothing came
     step_time_s: float = 0.0  # smoothed engine step time
     interrupts: int = 0
+    speech_gaps: int = 0  # a step had to start before all its speech came: silence put first
 
 
 def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
@@ -217,7 +218,9 @@ class Synchronizer:
                     await self._wait_producer(start_by)
                     continue
             speaking = self.speech.available > 0
-            samples, segments = self.speech.take(need if speaking else 0)
+            short = speaking and self.speech.available < need and self.speech.waiting_for_more
+            self.stats.speech_gaps += short
+            samples, segments = self.speech.take(need if speaking else 0, pad_front=short)
             await self._step(samples if speaking else None, segments)
 
     async def _step(self, speech: np.ndarray | None, segments: list[Segment]) -> None:

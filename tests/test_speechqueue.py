@@ -71,3 +71,11 @@ def test_split_segments_at_frame_boundaries() -> None:
     # an end marker right at a boundary belongs to the frame before it
     per = split_segments([Segment("a", 0, 640), Segment("a", 640, 0, True)], 2, 640)
     assert per[0][-1].end and per[1] == []
+
+
+def test_front_padding_keeps_what_follows_contiguous() -> None:
+    q = SpeechQueue()
+    q.push(ramp(300), "a")
+    out, segs = q.take(640, pad_front=True)
+    assert not out[:340].any() and np.array_equal(out[340:], ramp(300))
+    assert segs == [Segment("a", 340, 300)]

@@ -10,7 +10,9 @@ from collections.abc import Sequence
 
 import numpy as np
 
-HOP_S = 0.005  # envelope grid
+HOP_S = 0.01  # envelope grid
+SMOOTH_S = 0.03  # envelopes are smoothed over this before comparing: the raw RMS
+# ripples with the voice's pitch, and that ripple does not survive Opus and resampling
 
 
 def frame_envelope(
@@ -95,7 +97,14 @@ def echo_lag(
     if len(st) == 0 or len(rt) == 0:
         return float("nan"), float("nan")
     start, stop = st[0], max(st[-1], rt[-1])
-    return best_lag(on_grid(st, se, start, stop), on_grid(rt, re, start, stop), max_lag_s)
+    return best_lag(
+        smooth(on_grid(st, se, start, stop)), smooth(on_grid(rt, re, start, stop)), max_lag_s
+    )
+
+
+def smooth(envelope: np.ndarray, seconds: float = SMOOTH_S, hop_s: float = HOP_S) -> np.ndarray:
+    width = max(1, int(round(seconds / hop_s)))
+    return np.convolve(envelope, np.ones(width) / width, mode="same")
 
 
 def mouth_motion(crops: Sequence[np.ndarray]) -> np.ndarray:
