@@ -24,6 +24,7 @@ from .config import ServerConfig
 from .engines import create_engine
 from .engines.base import Avatar, AvatarError, Engine
 from .ice import restrict_host_addresses
+from .metrics import CONTENT_TYPE, Metrics
 from .session import OfferError, Session
 from .worker import EngineWorker
 
@@ -41,7 +42,10 @@ class ServerState:
     worker: EngineWorker
     avatars: dict[str, Avatar]
     sessions: dict[str, Session] = field(default_factory=dict)
-    refused: int = 0
+    metrics: Metrics = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.metrics = Metrics(lambda: list(self.sessions.values()))
 
     @property
     def has_capacity(self) -> bool:
@@ -71,8 +75,29 @@ async def load_state(config: ServerConfig) -> ServerState:
     return ServerState(config, engine, EngineWorker(threads), {DEFAULT_AVATAR: avatar})
 
 
+_ERROR_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
+                415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable"}
+
+
+@web.middleware
+async def count_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    metrics = request.app[STATE].metrics
+    try:
+        response = await handler(request)
+    except web.HTTPException as exc:
+        if exc.status >= 400:
+            metrics.errors.labels(_ERROR_KINDS.get(exc.status, str(exc.status))).inc()
+        raise
+    except Exception:
+        metrics.errors.labels("internal").inc()
+        raise
+    if response.status >= 400:
+        metrics.errors.labels(_ERROR_KINDS.get(response.status, str(response.status))).inc()
+    return response
+
+
 def create_app(state: ServerState) -> web.Application:
-    app = web.Application(client_max_size=MAX_OFFER_BYTES)
+    app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[count_errors])
     app[STATE] = state
     app.add_routes(
         [
@@ -80,6 +105,7 @@ def create_app(state: ServerState) -> web.Application:
             web.static("/web", WEB_DIR),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
+            web.get("/metrics", metrics),
             web.get("/v1/config", client_config),
             web.post("/v1/sessions", create_session),
             web.get("/v1/sessions", list_sessions),
@@ -125,6 +151,11 @@ async def readyz(request: web.Request) -> web.Response:
     if not state.has_capacity:
         return web.json_response({"status": "full", **body}, status=503)
     return web.json_response({"status": "ready", **body})
+
+
+async def metrics(request: web.Request) -> web.Response:
+    body = request.app[STATE].metrics.render()
+    return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
 async def client_config(request: web.Request) -> web.Response:
@@ -180,12 +211,13 @@ async def create_session(request: web.Request) -> web.Response:
     if avatar is None:
         return json_error(404, f"unknown avatar {avatar_id!r}")
     if not state.has_capacity:
-        state.refused += 1
+        state.metrics.refused.inc()
         return json_error(
             503, f"server full ({state.config.max_sessions} sessions)", **{"Retry-After": "5"}
         )
     session = Session(
-        state.engine, avatar, state.worker, state.config, on_closed=_forget(state)
+        state.engine, avatar, state.worker, state.config, on_closed=_forget(state),
+        metrics=state.metrics,
     )
     state.sessions[session.id] = session
     try:

@@ -22,6 +22,7 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from .config import ServerConfig
 from .engines.base import Avatar, Engine, EngineStream
 from .ice import filter_candidates, rtc_configuration
+from .metrics import Metrics
 from .ingest import LiveSpeechGate, Resampler, frame_to_mono, receive_audio_immediately
 from .speechqueue import SpeechQueue, SpeechQueueFull
 from .synchronizer import Event, Synchronizer
@@ -43,6 +44,7 @@ class Session:
         worker: EngineWorker,
         config: ServerConfig,
         on_closed: Callable[[Session], None] | None = None,
+        metrics: Metrics | None = None,
     ) -> None:
         self.id = secrets.token_urlsafe(12)
         self.avatar = avatar
@@ -50,9 +52,15 @@ class Session:
         self.worker = worker
         self.config = config
         self._on_closed = on_closed
+        self.metrics = metrics
         self.pc = RTCPeerConnection(rtc_configuration(config.ice_servers))
-        self.video = PacedTrack("video", maxlen=2)
-        self.audio = PacedTrack("audio", maxlen=4)
+        encode = metrics.encode if metrics else None
+        self.video = PacedTrack(
+            "video", maxlen=2, on_consumed=encode.labels("video").observe if encode else None
+        )
+        self.audio = PacedTrack(
+            "audio", maxlen=4, on_consumed=encode.labels("audio").observe if encode else None
+        )
         self.speech = SpeechQueue(config.speech_queue_s)
         self.gate = LiveSpeechGate()
         self.stream: EngineStream | None = None
@@ -88,7 +96,8 @@ class Session:
             raise OfferError("the offer has no video m-line to receive the avatar on")
         self.stream, _ = await self.worker.run(self.engine.open_stream, self.avatar)
         self.sync = Synchronizer(
-            self.stream, self.worker, self.speech, self.video, self.audio, self.emit
+            self.stream, self.worker, self.speech, self.video, self.audio, self.emit,
+            on_step=self.metrics.engine_step.observe if self.metrics else None,
         )
         self.pc.addTrack(self.video)
         if "audio" in kinds:
@@ -178,6 +187,8 @@ class Session:
     # -- events out ------------------------------------------------------------------
 
     def emit(self, event: Event) -> None:
+        if event["type"] == "error" and self.metrics:
+            self.metrics.errors.labels("control").inc()
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(json.dumps(event))
         for listener in list(self.listeners):
@@ -210,6 +221,8 @@ class Session:
                 task.cancel()
         if self.sync:
             await self.sync.stop()
+            if self.metrics:
+                self.metrics.retire(self.sync.stats)
         self.video.stop()
         self.audio.stop()
         with contextlib.suppress(Exception):

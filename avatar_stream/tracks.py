@@ -9,31 +9,46 @@ falls behind, so a slow consumer cannot turn into latency.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import deque
+from collections.abc import Callable
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 
 class PacedTrack(MediaStreamTrack):
-    def __init__(self, kind: str, maxlen: int = 2) -> None:
+    def __init__(
+        self,
+        kind: str,
+        maxlen: int = 2,
+        on_consumed: Callable[[float], None] | None = None,
+    ) -> None:
         super().__init__()
         self.kind = kind
-        self._frames: deque[av.frame.Frame] = deque(maxlen=maxlen)
+        self._frames: deque[tuple[av.frame.Frame, float]] = deque(maxlen=maxlen)
         self._ready = asyncio.Event()
         self.dropped = 0
         self.sent = 0
+        #: seconds the last frame waited between put() and aiortc taking it
+        self.last_wait_s = 0.0
+        # aiortc encodes and sends a frame between two recv() calls: that time is the
+        # encode cost, reported through on_consumed
+        self._on_consumed = on_consumed
+        self._returned_at: float | None = None
 
     def put(self, frame: av.frame.Frame) -> None:
         if len(self._frames) == self._frames.maxlen:
             self.dropped += 1
-        self._frames.append(frame)
+        self._frames.append((frame, time.perf_counter()))
         self._ready.set()
 
     def clear(self) -> None:
         self._frames.clear()
 
     async def recv(self) -> av.frame.Frame:
+        if self._returned_at is not None and self._on_consumed is not None:
+            self._on_consumed(time.perf_counter() - self._returned_at)
         while not self._frames:
             if self.readyState != "live":
                 raise MediaStreamError
@@ -41,8 +56,11 @@ class PacedTrack(MediaStreamTrack):
             await self._ready.wait()
         if self.readyState != "live":
             raise MediaStreamError
+        frame, put_at = self._frames.popleft()
+        self._returned_at = time.perf_counter()
+        self.last_wait_s = self._returned_at - put_at
         self.sent += 1
-        return self._frames.popleft()
+        return frame
 
     def stop(self) -> None:
         super().stop()

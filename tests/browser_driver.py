@@ -1,0 +1,207 @@
+"""Drive the web client in headless Debian Chromium; print one JSON line of measurements.
+
+Test support for tests/test_browser.py, not a test module. It runs *inside* the test's network
+namespace (``ip netns exec NS python tests/browser_driver.py ...``) because the page, the
+browser and the server must share that namespace's loopback; Playwright talks to Chromium over
+a pipe, so nothing else needs to cross the namespace boundary. The last stdout line is the
+JSON result; the caller does the asserting.
+
+Scenario (``--scenario full``): wait for /healthz, open ``/?autoconnect=1&mic=1`` with the fake
+microphone playing ``--wav`` in a loop, wait for "connected" and the ``ready`` event, then
+measure windows: mic speech, mic off (silence), a local file spoken through the file input,
+then Interrupt and Disconnect; last, an offer the server refuses (unknown avatar).
+``--scenario static`` only loads the page and screenshots it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+import traceback
+import urllib.request
+
+from playwright.sync_api import sync_playwright
+
+CHROMIUM = "/usr/bin/chromium"
+
+
+def chromium_args(wav: str | None) -> list[str]:
+    args = [
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--use-fake-ui-for-media-stream",
+        "--use-fake-device-for-media-stream",
+        "--autoplay-policy=no-user-gesture-required",
+        # Without this Chromium gathers no ICE candidates on a namespace that only has lo.
+        "--allow-loopback-in-peer-connection",
+    ]
+    if wav:
+        args.append(f"--use-file-for-fake-audio-capture={wav}")
+    return args
+
+
+def wait_healthy(base: str, timeout: float) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except Exception as e:  # noqa: BLE001 - still starting
+            last = repr(e)
+        time.sleep(0.25)
+    raise TimeoutError(f"{base}/healthz not 200 after {timeout} s ({last})")
+
+
+# Read the counters the page keeps on window.avatarClient, with the page's own clock.
+SNAPSHOT_JS = """() => {
+  const c = window.avatarClient;
+  return {t: performance.now() / 1000, frames: c.framesReceived, energy: c.audioEnergy,
+          nlevels: c.audioLevels.length};
+}"""
+
+
+def measure(page, seconds: float) -> dict:
+    """Frame rate and remote-audio level over a window of ``seconds``."""
+    a = page.evaluate(SNAPSHOT_JS)
+    page.wait_for_timeout(seconds * 1000)
+    b = page.evaluate(SNAPSHOT_JS)
+    dt = b["t"] - a["t"]
+    levels = page.evaluate(
+        "([i, j]) => window.avatarClient.audioLevels.slice(i, j)", [a["nlevels"], b["nlevels"]]
+    )
+    return {
+        "seconds": round(dt, 3),
+        "frames": b["frames"] - a["frames"],
+        "fps": round((b["frames"] - a["frames"]) / dt, 2),
+        "energy": round(b["energy"] - a["energy"], 5),
+        "mean_rms": round((b["energy"] - a["energy"]) / dt, 5),
+        "max_rms": round(max(levels, default=0.0), 5),
+        "levels": [round(x, 4) for x in levels],
+        "stats": page.evaluate("() => window.avatarClient.lastStats"),
+    }
+
+
+def client_state(page) -> dict:
+    return page.evaluate(
+        """() => {
+      const c = window.avatarClient;
+      return {state: c.state, sessionId: c.sessionId, events: c.events, errors: c.errors,
+              framesReceived: c.framesReceived, lastStats: c.lastStats,
+              audioEnergy: c.audioEnergy,
+              log: [...document.querySelectorAll('#log li')].map(li => li.textContent)};
+    }"""
+    )
+
+
+def run_full(page, args, out: dict) -> None:
+    page.goto(f"{args.base}/?autoconnect=1&mic=1")
+    page.wait_for_function(
+        """() => { const c = window.avatarClient;
+                   return c && c.state === 'connected'
+                          && c.events.some(e => e.type === 'ready'); }""",
+        timeout=args.connect_timeout * 1000,
+    )
+    out["connected_after_s"] = round(time.monotonic() - out["_t0"], 2)
+
+    page.wait_for_timeout(args.warmup * 1000)  # pipeline latency + first loop of the wav
+    out["mic"] = measure(page, args.window)
+    page.screenshot(path=args.screenshot)
+
+    # Mic off: the sender switches to a silent generated track.
+    page.click("#mic")
+    page.wait_for_timeout(2000)
+    out["mic_off"] = measure(page, 3)
+
+    # A local file through <input type=file>: decoded by WebAudio, sent on the same sender.
+    n_events = len(page.evaluate("() => window.avatarClient.events"))
+    page.set_input_files("#file", args.wav)
+    page.wait_for_timeout(1000)
+    out["file"] = measure(page, 3)
+
+    # Interrupt while the file is still being spoken, then watch the level fall.
+    page.click("#interrupt")
+    page.wait_for_timeout(1500)
+    out["after_interrupt"] = measure(page, 2)
+    out["events_after_file"] = page.evaluate(
+        "(n) => window.avatarClient.events.slice(n).filter(e => e.type !== 'stats')", n_events
+    )
+
+    out["before_disconnect"] = client_state(page)
+    page.click("#disconnect")
+    page.wait_for_function("() => window.avatarClient.state === 'closed'", timeout=10_000)
+    out["final"] = client_state(page)
+
+    # A refused offer (unknown avatar): the page shows the server's JSON error.
+    page.goto(f"{args.base}/?autoconnect=1&avatar=no-such-avatar")
+    page.wait_for_function("() => window.avatarClient.state === 'failed'", timeout=10_000)
+    out["bad_avatar"] = client_state(page)
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--base", required=True, help="server URL, e.g. http://127.0.0.1:8080")
+    ap.add_argument("--wav", help="fake microphone input (48 kHz mono 16-bit wav)")
+    ap.add_argument("--screenshot", default="/tmp/browser_check.png")
+    ap.add_argument("--scenario", choices=["full", "static"], default="full")
+    ap.add_argument("--health-timeout", type=float, default=90)
+    ap.add_argument("--connect-timeout", type=float, default=30)
+    ap.add_argument("--warmup", type=float, default=2.0)
+    ap.add_argument("--window", type=float, default=5.0)
+    ap.add_argument("--viewport", default="1100x760")
+    args = ap.parse_args()
+
+    out: dict = {"_t0": time.monotonic(), "console": [], "page_errors": []}
+    try:
+        if args.scenario == "full":
+            wait_healthy(args.base, args.health_timeout)
+        w, h = (int(x) for x in args.viewport.split("x"))
+        with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
+            browser = p.chromium.launch_persistent_context(
+                profile,
+                executable_path=CHROMIUM,
+                headless=True,
+                args=chromium_args(args.wav),
+                viewport={"width": w, "height": h},
+            )
+            try:
+                page = browser.pages[0] if browser.pages else browser.new_page()
+                page.on("console", lambda m: out["console"].append(f"{m.type}: {m.text}"))
+                page.on("pageerror", lambda e: out["page_errors"].append(str(e)))
+                try:
+                    if args.scenario == "static":
+                        page.goto(args.base + "/")
+                        page.wait_for_timeout(500)
+                        page.screenshot(path=args.screenshot)
+                        out["final"] = client_state(page)
+                    else:
+                        run_full(page, args, out)
+                except Exception:
+                    # Keep what the page knew: it is what explains a failure.
+                    out["error"] = traceback.format_exc(limit=3)
+                    try:
+                        out["final"] = client_state(page)
+                        page.screenshot(path=args.screenshot)
+                    except Exception:  # noqa: BLE001
+                        pass
+            finally:
+                browser.close()
+    except Exception:
+        out["error"] = traceback.format_exc(limit=3)
+    out.pop("_t0")
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
