@@ -67,11 +67,28 @@ class Resampler:
     def __call__(self, samples: np.ndarray, in_rate: int) -> np.ndarray:
         samples = np.ascontiguousarray(samples, dtype=np.float32)
         if in_rate == self.out_rate:
-            return samples
+            tail = self.flush()
+            return np.concatenate([tail, samples]) if len(tail) else samples
         if in_rate != self._in_rate or self._stream is None:
+            tail = self.flush()
             self._in_rate = in_rate
             self._stream = soxr.ResampleStream(in_rate, self.out_rate, 1, np.float32, self.quality)
+            if len(tail):
+                return np.concatenate([tail, self._stream.resample_chunk(samples)])
         return self._stream.resample_chunk(samples)
+
+    def flush(self) -> np.ndarray:
+        """The samples still held back (the end of a source); the next call starts afresh.
+
+        Pushed speech ends at a known point: without this its last few milliseconds
+        would stay inside the filter.
+        """
+        if self._stream is None:
+            return np.zeros(0, np.float32)
+        tail = self._stream.resample_chunk(np.zeros(0, np.float32), last=True)
+        self._stream = None
+        self._in_rate = None
+        return np.asarray(tail, dtype=np.float32)
 
 
 def rms_dbfs(samples: np.ndarray) -> float:

@@ -77,3 +77,16 @@ def test_gate_cancel_drops_the_rest_of_the_utterance() -> None:
     for _ in range(6):
         assert gate.feed(np.zeros(320, np.float32), 0.0) == []
     assert gate.feed(loud, 0.0)[0][0] == "mic-2"
+
+
+def test_flush_returns_what_the_filter_held_back() -> None:
+    src = sine(300, 24000, 0.5)
+    for quality in ("LQ", "HQ"):
+        resample = Resampler(16000, quality)
+        out = np.concatenate([resample(src[:4000], 24000), resample(src[4000:], 24000),
+                              resample.flush()])
+        assert abs(len(out) - len(src) * 2 // 3) <= 1, (quality, len(out))
+        # a rate change mid-stream flushes the old rate's tail first
+        first = resample(src, 24000)
+        mixed = np.concatenate([first, resample(src, 48000), resample.flush()])
+        assert abs(len(mixed) - (len(src) * 2 // 3 + len(src) // 3)) <= 2, len(mixed)

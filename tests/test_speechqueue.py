@@ -79,3 +79,42 @@ def test_front_padding_keeps_what_follows_contiguous() -> None:
     out, segs = q.take(640, pad_front=True)
     assert not out[:340].any() and np.array_equal(out[340:], ramp(300))
     assert segs == [Segment("a", 340, 300)]
+
+
+def test_utterances_play_in_order_and_are_never_interleaved() -> None:
+    q = SpeechQueue()
+    q.push(ramp(100), "a")
+    q.push(ramp(50, 1000), "b")  # b began while a is open: it waits behind a
+    q.push(ramp(100, 100), "a")  # a's next chunk goes before b's
+    assert q.available == 200 and q.total == 250
+    out, segs = q.take(300)
+    assert segs == [Segment("a", 0, 200)]  # b may not play while a is open
+    assert np.array_equal(out[:200], ramp(200)) and not out[200:].any()
+    q.end("a")
+    assert q.available == 50
+    out, segs = q.take(100)
+    assert segs == [Segment("a", 0, 0, end=True), Segment("b", 0, 50)]
+    assert np.array_equal(out[:50], ramp(50, 1000))
+
+
+def test_front_padding_goes_between_an_ended_utterance_and_an_open_one() -> None:
+    q = SpeechQueue()
+    q.push(ramp(100), "a")
+    q.end("a")
+    q.push(ramp(100, 500), "b")  # b is open: more of it is coming
+    out, segs = q.take(640, pad_front=True)
+    # a's tail first, then the pause, then b right before the rest of b
+    assert np.array_equal(out[:100], ramp(100))
+    assert not out[100:540].any()
+    assert np.array_equal(out[540:], ramp(100, 500))
+    assert segs == [Segment("a", 0, 100, end=True), Segment("b", 540, 100)]
+
+
+def test_per_utterance_counts_and_room() -> None:
+    q = SpeechQueue(max_seconds=0.1)
+    q.push(ramp(1000), "a")
+    q.push(ramp(200), "b")
+    assert q.queued("a") == 1000 and q.queued("b") == 200 and q.room == 400
+    q.take(900)
+    assert q.queued("a") == 100
+    assert q.is_open("a") and q.is_open("b")
