@@ -53,6 +53,9 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="avatar-stream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    from .bench.cli import add_parser as add_bench
+
+    add_bench(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -65,6 +68,10 @@ def main(argv: list[str] | None = None) -> None:
         from .server import run
 
         run(serve_config(args))
+    elif args.command == "bench":
+        from .bench.cli import main as bench_main
+
+        raise SystemExit(bench_main(args))
 
 
 if __name__ == "__main__":

@@ -13,6 +13,7 @@ import contextlib
 import fractions
 import json
 import time
+from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,10 +22,12 @@ import aiohttp
 import av
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtpPacket
 
 from .config import IceServer
-from .ice import filter_candidates, rtc_configuration
+from .ice import filter_candidates, restrict_host_addresses, rtc_configuration
 
 MIC_RATE = 48_000
 MIC_FRAME = 960  # 20 ms
@@ -91,14 +94,52 @@ class SpeechTrack(MediaStreamTrack):
         return frame
 
 
+class ArrivalRecordingBuffer(JitterBuffer):
+    """aiortc's own jitter buffer, noting when each frame's last packet came off the network.
+
+    A receiver's buffering delays audio and video by different amounts (aiortc holds audio
+    back 4 packets, video one frame); a lip-syncing receiver undoes that with RTCP. The
+    network arrival times say what the sender put on the wire, independent of this
+    client's buffers.
+    """
+
+    def __init__(self, capacity: int, prefetch: int = 0, is_video: bool = False) -> None:
+        super().__init__(capacity, prefetch=prefetch, is_video=is_video)
+        self._arrived: dict[int, float] = {}
+        self.frames_out: deque[float] = deque(maxlen=256)
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        self._arrived[packet.timestamp] = time.perf_counter()
+        pli, frame = super().add(packet)
+        if frame is not None:
+            self.frames_out.append(self._arrived.pop(frame.timestamp, time.perf_counter()))
+            if len(self._arrived) > 512:  # timestamps of frames that never completed
+                self._arrived.clear()
+        return pli, frame
+
+
+def _record_arrivals(pc: RTCPeerConnection) -> dict[str, ArrivalRecordingBuffer]:
+    """Swap each receiver's jitter buffer for a recording one with the same settings."""
+    buffers = {}
+    for transceiver in pc.getTransceivers():
+        receiver = transceiver.receiver
+        old = receiver._RTCRtpReceiver__jitter_buffer  # no public hook in aiortc
+        new = ArrivalRecordingBuffer(old.capacity, old._prefetch, old._is_video)
+        receiver._RTCRtpReceiver__jitter_buffer = new
+        buffers[transceiver.kind] = new
+    return buffers
+
+
 @dataclass
 class Received:
     """What came back: one row per frame, with its arrival time (perf_counter)."""
 
     video_t: list[float] = field(default_factory=list)
+    video_net_t: list[float] = field(default_factory=list)  # last packet off the network
     video_pts: list[int] = field(default_factory=list)
     mouth: list[np.ndarray] = field(default_factory=list)  # luma crops of the mouth box
     audio_t: list[float] = field(default_factory=list)
+    audio_net_t: list[float] = field(default_factory=list)
     audio_pts: list[int] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)  # float32 mono 48 kHz per frame
     events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
@@ -140,6 +181,7 @@ class AvatarClient:
         self._tasks: list[asyncio.Task[None]] = []
         self._http: aiohttp.ClientSession | None = None
         self._channel_open = asyncio.Event()
+        self._arrivals: dict[str, ArrivalRecordingBuffer] = {}
 
     async def __aenter__(self) -> AvatarClient:
         await self.connect()
@@ -150,6 +192,9 @@ class AvatarClient:
 
     async def connect(self, timeout: float = 30.0) -> None:
         self.connect_started = time.perf_counter()
+        if self.ice_host_addresses:
+            # our own candidates too (process-wide: aioice offers no per-connection setting)
+            restrict_host_addresses(self.ice_host_addresses)
         self._http = aiohttp.ClientSession()
         self.pc.addTrack(self.mic)
         self.pc.addTransceiver("video", direction="recvonly")
@@ -183,6 +228,7 @@ class AvatarClient:
         self.avatar_info = data.get("avatar", {})
         answer = filter_candidates(data["sdp"], self.ice_host_addresses)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        self._arrivals = _record_arrivals(self.pc)
         await asyncio.wait_for(self.wait_event("ready"), timeout)
 
     async def _record(self, track: MediaStreamTrack) -> None:
@@ -194,10 +240,13 @@ class AvatarClient:
             except MediaStreamError:
                 return
             now = time.perf_counter()
+            arrivals = self._arrivals.get(track.kind)
+            net_t = arrivals.frames_out.popleft() if arrivals and arrivals.frames_out else now
             if track.kind == "video":
                 if self.first_frame_at is None:
                     self.first_frame_at = now
                 rec.video_t.append(now)
+                rec.video_net_t.append(net_t)
                 rec.video_pts.append(int(frame.pts))
                 if self.record_mouth and box:
                     luma = frame.to_ndarray(format="gray")
@@ -209,6 +258,7 @@ class AvatarClient:
                 pcm = pcm.reshape(-1, channels).mean(axis=1) if not frame.format.is_planar \
                     else pcm.reshape(channels, -1).mean(axis=0)
                 rec.audio_t.append(now)
+                rec.audio_net_t.append(net_t)
                 rec.audio_pts.append(int(frame.pts))
                 rec.audio.append((pcm / 32768.0).astype(np.float32))
 

@@ -55,12 +55,33 @@ def best_lag(
 ) -> tuple[float, float]:
     """Lag (s) at which ``delayed`` best matches ``reference`` and the Pearson r there.
 
-    Both are on the same grid. The peak is refined with a parabola through its neighbours,
-    so the answer is finer than the grid.
+    Both are on the same grid; the whole overlap is compared at each lag.
     """
-    lo, hi = int(round(min_lag_s / hop_s)), int(round(max_lag_s / hop_s))
-    lags = np.arange(lo, hi + 1)
-    scores = np.array([_pearson(reference, delayed, lag) for lag in lags])
+    lags = _lag_range(min_lag_s, max_lag_s, hop_s)
+    return _peak(lags, np.array([_pearson(reference, delayed, lag) for lag in lags]), hop_s)
+
+
+def window_lag(
+    reference: np.ndarray, delayed: np.ndarray, i0: int, i1: int, max_lag_s: float,
+    hop_s: float = HOP_S, min_lag_s: float = 0.0,
+) -> tuple[float, float]:
+    """Like ``best_lag`` for the window ``reference[i0:i1]`` only (one sample of a distribution)."""
+    ref = reference[i0:i1]
+    lags = _lag_range(min_lag_s, max_lag_s, hop_s)
+    scores = np.full(len(lags), np.nan)
+    for j, lag in enumerate(lags):
+        a, b = i0 + lag, i1 + lag
+        if a >= 0 and b <= len(delayed):
+            scores[j] = _pearson(ref, delayed[a:b], 0)
+    return _peak(lags, scores, hop_s)
+
+
+def _lag_range(min_lag_s: float, max_lag_s: float, hop_s: float) -> np.ndarray:
+    return np.arange(int(round(min_lag_s / hop_s)), int(round(max_lag_s / hop_s)) + 1)
+
+
+def _peak(lags: np.ndarray, scores: np.ndarray, hop_s: float) -> tuple[float, float]:
+    """The best-scoring lag, refined with a parabola through its neighbours (finer than the grid)."""
     if not np.isfinite(scores).any():
         return float("nan"), float("nan")
     i = int(np.nanargmax(scores))

@@ -15,7 +15,7 @@ from .base import (
     EngineStream,
 )
 
-ENGINES = ("warp",)
+ENGINES = ("warp", "still")
 
 
 def create_engine(name: str, **options: Any) -> Engine:
@@ -24,6 +24,10 @@ def create_engine(name: str, **options: Any) -> Engine:
         from .warp import WarpEngine
 
         return WarpEngine(**options)
+    if name == "still":
+        from .still import StillEngine
+
+        return StillEngine(**options)
     raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
 
 

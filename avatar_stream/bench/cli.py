@@ -1,0 +1,156 @@
+"""``avatar-stream bench``: latency, A/V sync, smoothness and capacity, as figures."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from ..client import MIC_RATE
+from . import report
+from .runner import SessionResult, progress_printer, run_session, server_or_url
+
+BENCH_TEXT = "Speech goes in, and a talking face comes out, with every word in sync."
+
+
+def add_parser(sub: argparse._SubParsersAction) -> None:
+    p = sub.add_parser(
+        "bench", help="measure latency, A/V sync, frame rate and capacity",
+        description="Runs real WebRTC sessions against a server (or one started here on "
+                    "loopback) and reports p50/p95/max of each figure.",
+    )
+    p.add_argument("--url", help="server to measure (default: start one in this process)")
+    p.add_argument("--audio", type=Path, help="speech file (default: built-in espeak-ng speech)")
+    p.add_argument("--mode", choices=["live"], default="live",
+                   help="live: speak over the client's audio track in real time")
+    p.add_argument("--duration", type=float, default=30.0, help="seconds per session")
+    p.add_argument("--sessions", type=int, default=1, help="sessions at once")
+    p.add_argument("--engine", default="warp", help="engine of the in-process server")
+    p.add_argument("--baseline", action="store_true",
+                   help="also measure the same path with no engine (the floor) and compare")
+    p.add_argument("--find-capacity", action="store_true",
+                   help="add sessions until p95 echo latency > 500 ms or a session < 24 fps")
+    p.add_argument("--interrupt-every", type=int, default=3, metavar="N",
+                   help="barge in on every Nth clip (0: never)")
+    p.add_argument("--ice-host-addresses", default="127.0.0.1",
+                   help="ICE host addresses for the in-process server and the clients")
+    p.add_argument("--json", type=Path, help="write every raw sample here")
+    p.add_argument("--plot", type=Path, help="write latency distributions and a timeline (PNG)")
+
+
+def load_speech(path: Path | None) -> np.ndarray:
+    """48 kHz mono int16 speech from any audio file PyAV reads, or made with espeak-ng."""
+    if path is None:
+        if not shutil.which("espeak-ng"):
+            raise SystemExit("bench: espeak-ng is not installed; pass --audio FILE")
+        with tempfile.TemporaryDirectory() as tmp:
+            wav = Path(tmp) / "speech.wav"
+            subprocess.run(["espeak-ng", "-v", "en-us", "-s", "150", "-w", str(wav),
+                            BENCH_TEXT], check=True)
+            return load_speech(wav)
+    try:
+        with av.open(str(path)) as container:
+            resampler = av.AudioResampler(format="s16", layout="mono", rate=MIC_RATE)
+            chunks = [
+                out.to_ndarray().reshape(-1)
+                for frame in container.decode(audio=0)
+                for out in resampler.resample(frame)
+            ]
+            chunks += [out.to_ndarray().reshape(-1) for out in resampler.resample(None)]
+    except (av.error.FFmpegError, IndexError, OSError) as exc:
+        raise SystemExit(f"bench: cannot read speech from {path}: {exc}") from None
+    if not chunks:
+        raise SystemExit(f"bench: {path} holds no audio")
+    return np.concatenate(chunks).astype(np.int16)
+
+
+async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Namespace,
+                       record_mouth: bool = True) -> list[SessionResult]:
+    show = progress_printer()
+    return list(await asyncio.gather(*(
+        run_session(url, speech, args.duration, interrupt_every=args.interrupt_every,
+                    record_mouth=record_mouth, progress=show if i == 0 else None,
+                    label=f"[{n} session{'s' if n > 1 else ''}] ")
+        for i in range(n)
+    )))
+
+
+async def bench(args: argparse.Namespace) -> dict[str, Any]:
+    speech = load_speech(args.audio)
+    hosts = [a.strip() for a in args.ice_host_addresses.split(",") if a.strip()]
+    out: dict[str, Any] = {"speech_s": len(speech) / MIC_RATE, "duration_s": args.duration}
+    if args.find_capacity:
+        out["capacity"] = await find_capacity(args, speech, hosts)
+        return out
+    print(f"bench: {args.sessions} session(s) x {args.duration:.0f} s "
+          f"({'server ' + args.url if args.url else args.engine + ' engine, in-process'})",
+          file=sys.stderr)
+    async with server_or_url(args.url, args.engine, hosts) as url:
+        results = await run_sessions(url, speech, args.sessions, args)
+    out["sessions"] = results
+    out["summary"] = report.summarise(results)
+    if args.baseline:
+        print("bench: baseline (same path, no engine)", file=sys.stderr)
+        async with server_or_url(None, "still", hosts) as url:
+            base = await run_sessions(url, speech, args.sessions, args, record_mouth=False)
+        out["baseline_sessions"] = base
+        out["baseline"] = report.summarise(base)
+    return out
+
+
+async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: list[str]
+                        ) -> dict[str, Any]:
+    levels: list[dict[str, Any]] = []
+    capacity = 0
+    async with server_or_url(args.url, args.engine, hosts) as url:
+        for n in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16):
+            results = await run_sessions(url, speech, n, args, record_mouth=False)
+            summary = report.summarise(results)
+            echo_p95 = summary["echo latency"].get("p95", float("inf"))
+            min_fps = min(r.fps for r in results)
+            ok = echo_p95 <= 500 and min_fps >= 24
+            levels.append({"sessions": n, "echo_p95_ms": echo_p95, "min_fps": min_fps, "ok": ok})
+            print(f"  {n:2d} sessions: p95 echo {echo_p95:6.0f} ms, min fps {min_fps:5.1f} "
+                  f"-> {'ok' if ok else 'over'}", file=sys.stderr, flush=True)
+            if not ok:
+                break
+            capacity = n
+    return {"capacity": capacity, "levels": levels}
+
+
+def main(args: argparse.Namespace) -> int:
+    t = time.perf_counter()
+    for name in ("avatar_stream", "aiohttp.access"):  # the report is the output
+        logging.getLogger(name).setLevel(logging.WARNING)
+    out = asyncio.run(bench(args))
+    if "capacity" in out:
+        cap = out["capacity"]
+        print(f"\ncapacity: {cap['capacity']} concurrent sessions at >= 24 fps with p95 echo "
+              f"latency <= 500 ms")
+    else:
+        print()
+        print(report.table(out["summary"], out.get("baseline"),
+                           title=f"{len(out['sessions'])} session(s), {args.duration:.0f} s each"))
+        if "baseline" in out:
+            b, s = out["baseline"]["echo latency"], out["summary"]["echo latency"]
+            if b.get("n") and s.get("n"):
+                print(f"\necho latency over the floor: p50 +{s['p50'] - b['p50']:.0f} ms, "
+                      f"p95 +{s['p95'] - b['p95']:.0f} ms")
+    if args.json:
+        report.write_json(args.json, out)
+        print(f"raw samples: {args.json}")
+    if args.plot and "sessions" in out:
+        report.plot(args.plot, out["sessions"], out.get("baseline_sessions"))
+        print(f"plot: {args.plot}")
+    print(f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)
+    return 0

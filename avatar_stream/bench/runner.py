@@ -1,0 +1,229 @@
+"""Drive benchmark sessions: real aiortc clients speaking to a server, as a browser would.
+
+Each session idles, then speaks the test speech clip after clip with a short pause in
+between, and every few clips barges in halfway through. Everything is recorded with its
+arrival time; ``measure`` turns the recording into the figures the report shows.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import sys
+import time
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+
+from ..client import MIC_RATE, AvatarClient
+from ..config import ServerConfig
+from . import analysis as A
+
+PAUSE_S = 1.2  # between clips
+IDLE_S = 1.0  # before the first clip
+QUIET_RMS = 0.004  # received audio below this counts as silent
+
+
+@dataclass
+class Script:
+    """What a session did and when (perf_counter seconds)."""
+
+    clips: list[tuple[float, float, bool]] = field(default_factory=list)  # start, length, cut
+    interrupts: list[float] = field(default_factory=list)
+    end: float = 0.0
+
+
+@dataclass
+class SessionResult:
+    """Raw samples of one session; every figure in the report comes from these."""
+
+    connect_s: float
+    echo: list[tuple[float, float, float]]  # (window start, lag s, r)
+    mouth: list[tuple[float, float, float]]
+    av_offset: list[float]  # audio lag - mouth lag per window at network arrival (+ = audio late)
+    frame_intervals: list[float]
+    pts_monotonic: bool
+    fps: float
+    interrupt_to_silence: list[float]
+    lipsync_r: float | None = None  # received mouth vs received audio
+    lipsync_lag_s: float | None = None  # positive: the mouth moves after its sound
+    timeline: dict[str, Any] = field(default_factory=dict)
+
+    @property
+    def freezes(self) -> int:
+        return sum(1 for d in self.frame_intervals if d > 0.2)
+
+    @property
+    def jitter(self) -> list[float]:
+        return [abs(d - 0.04) for d in self.frame_intervals]
+
+
+async def run_session(
+    url: str,
+    speech: np.ndarray,
+    duration: float,
+    *,
+    interrupt_every: int = 3,
+    record_mouth: bool = True,
+    progress: Callable[[str], None] | None = None,
+    label: str = "",
+) -> SessionResult:
+    """One session as a user would hold it; returns the raw measurements."""
+    clip_s = len(speech) / MIC_RATE
+    script = Script()
+    client = AvatarClient(url, record_mouth=record_mouth)
+    try:
+        await client.connect()
+        t0 = time.perf_counter()
+        await asyncio.sleep(IDLE_S)
+        n = 0
+        while time.perf_counter() - t0 + clip_s + PAUSE_S <= duration:
+            n += 1
+            cut = interrupt_every > 0 and n % interrupt_every == 0
+            start = time.perf_counter()
+            client.mic.play(speech)
+            script.clips.append((start, clip_s, cut))
+            if cut:
+                await asyncio.sleep(min(1.2, clip_s / 2))
+                client.mic.play(np.zeros(0, np.int16))  # the speaker stops...
+                script.interrupts.append(client.interrupt())  # ...and barges in
+                await asyncio.sleep(PAUSE_S)
+            else:
+                await asyncio.sleep(clip_s + PAUSE_S)
+            if progress:
+                progress(f"{label}{time.perf_counter() - t0:5.1f}/{duration:.0f} s, "
+                         f"{len(client.received.video_t)} frames")
+        script.end = time.perf_counter()
+    finally:
+        await client.close()
+    return measure(client, script)
+
+
+def measure(client: AvatarClient, script: Script) -> SessionResult:
+    rec = client.received
+    sent_t, sent_env = A.signal_envelope(client.mic.sent_t0 or 0.0, client.mic.sent, MIC_RATE)
+    recv_t, recv_env = A.frame_envelope(rec.audio_t, rec.audio, MIC_RATE)
+    start, stop = (sent_t[0], script.end) if len(sent_t) else (0.0, 0.0)
+    grid = np.arange(start, stop, A.HOP_S)
+    sent = A.smooth(A.on_grid(sent_t, sent_env, start, stop))
+    recv = A.smooth(A.on_grid(recv_t, recv_env, start, stop))
+    # A/V offset and lip sync are judged at network arrival: this client's own jitter
+    # buffers hold audio back longer than video, which a lip-syncing receiver undoes
+    net_t, net_env = A.frame_envelope(rec.audio_net_t, rec.audio, MIC_RATE)
+    recv_net = A.smooth(A.on_grid(net_t, net_env, start, stop))
+    mouth_signal = mouth_openness(rec.mouth)
+    mouth = mouth_net = None
+    if len(mouth_signal):
+        mouth = A.smooth(A.on_grid(np.asarray(rec.video_t), mouth_signal, start, stop))
+        mouth_net = A.smooth(A.on_grid(np.asarray(rec.video_net_t), mouth_signal, start, stop))
+    echo, mouth_w, offsets = [], [], []
+    for a, b in _speech_windows(script):
+        i0, i1 = (int(i) for i in np.searchsorted(grid, [a, b]))
+        lag, r = A.window_lag(sent, recv, i0, i1, max_lag_s=1.0)
+        if np.isfinite(lag) and r >= 0.5:
+            echo.append((a, lag, r))
+        if mouth is None or mouth_net is None:
+            continue
+        mlag, mr = A.window_lag(sent, mouth, i0, i1, max_lag_s=1.0)
+        if np.isfinite(mlag) and mr >= 0.3:
+            mouth_w.append((a, mlag, mr))
+        alag, ar = A.window_lag(sent, recv_net, i0, i1, max_lag_s=1.0)
+        vlag, vr = A.window_lag(sent, mouth_net, i0, i1, max_lag_s=1.0)
+        if np.isfinite(alag) and np.isfinite(vlag) and ar >= 0.5 and vr >= 0.3:
+            offsets.append(alag - vlag)
+    vt = np.asarray(rec.video_t)
+    intervals = np.diff(vt).tolist() if len(vt) > 1 else []
+    lips = None
+    if mouth_net is not None and len(echo):
+        lips = A.best_lag(recv_net, mouth_net, max_lag_s=0.3, min_lag_s=-0.3)
+    return SessionResult(
+        connect_s=(client.first_frame_at or float("nan")) - (client.connect_started or 0.0),
+        echo=echo,
+        mouth=mouth_w,
+        av_offset=offsets,
+        frame_intervals=intervals,
+        pts_monotonic=all(b > a for a, b in zip(rec.video_pts, rec.video_pts[1:])),
+        fps=rec.fps(),
+        interrupt_to_silence=_interrupt_delays(rec.audio_t, rec.audio, script.interrupts),
+        lipsync_r=lips[1] if lips else None,
+        lipsync_lag_s=lips[0] if lips else None,
+        timeline={
+            "t0": start, "grid_hop_s": A.HOP_S, "sent_envelope": sent.tolist(),
+            "received_envelope": recv.tolist(),
+            "mouth": mouth.tolist() if mouth is not None else [],
+            "video_t": (vt - start).tolist(), "clips": [(c[0] - start, c[1], c[2])
+                                                         for c in script.clips],
+            "interrupts": [t - start for t in script.interrupts],
+        },
+    )
+
+
+def mouth_openness(crops: list[np.ndarray]) -> np.ndarray:
+    """How open the mouth looks per frame: the darkness of the mouth box.
+
+    An open mouth shows a dark interior in any engine; the face rig's lip distance is the
+    finer measure (``lipsync``), this one is cheap enough for every frame of every session.
+    """
+    if not crops:
+        return np.zeros(0)
+    return np.array([255.0 - float(np.percentile(c, 10)) for c in crops])
+
+
+def _speech_windows(script: Script, width: float = 2.5, hop: float = 0.5
+                    ) -> list[tuple[float, float]]:
+    """Sliding windows over the clips that played to the end (barge-ins excluded)."""
+    out = []
+    for start, length, cut in script.clips:
+        if cut:
+            continue
+        a = start - 0.2
+        while a + width <= start + length + 0.3:
+            out.append((a, a + width))
+            a += hop
+    return out
+
+
+def _interrupt_delays(times: list[float], frames: list[np.ndarray], interrupts: list[float]
+                      ) -> list[float]:
+    """Per barge-in: when the received speech went silent for good (until the next clip)."""
+    out = []
+    t = np.asarray(times)
+    levels = np.array([float(np.sqrt(np.mean(f.astype(np.float64) ** 2))) for f in frames])
+    for ti in interrupts:
+        idx = np.nonzero((t >= ti) & (t < ti + PAUSE_S - 0.1))[0]
+        if len(idx) == 0:
+            continue
+        loud = idx[levels[idx] > QUIET_RMS]
+        first_quiet = idx[0] if len(loud) == 0 else loud[-1] + 1
+        if first_quiet < len(t):
+            out.append(float(t[first_quiet] - ti))
+    return out
+
+
+@contextlib.asynccontextmanager
+async def server_or_url(url: str | None, engine: str, host_addresses: list[str]
+                        ) -> AsyncIterator[str]:
+    """The given server, or the real server started in this process on loopback."""
+    if url:
+        yield url
+        return
+    from ..server import running_server
+
+    config = ServerConfig(host="127.0.0.1", port=0, engine=engine,
+                          ice_host_addresses=host_addresses, max_sessions=64)
+    async with running_server(config) as (local_url, _):
+        yield local_url
+
+
+def progress_printer(stream: Any = sys.stderr) -> Callable[[str], None]:
+    last = [0.0]
+
+    def show(message: str) -> None:
+        now = time.perf_counter()
+        if now - last[0] >= 1.0:
+            last[0] = now
+            print(f"  {message}", file=stream, flush=True)
+
+    return show

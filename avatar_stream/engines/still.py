@@ -1,0 +1,38 @@
+"""The still engine: the photo itself, every frame, no animation.
+
+The benchmark's floor (``avatar-stream bench --baseline``): the same session, media path
+and timing as every other engine, with the cost and latency of animating taken out.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from ..facerig import get_rigger
+from .base import Avatar, Engine, EngineStream
+
+
+class StillStream(EngineStream):
+    frames_per_step = 1
+
+    def __init__(self, image: np.ndarray) -> None:
+        self._frame = image[None]
+
+    def step(self, speech: np.ndarray | None) -> np.ndarray:
+        return self._frame
+
+    def reset(self) -> None:
+        pass
+
+
+class StillEngine(Engine):
+    name = "still"
+    worker_threads = 1
+
+    def prepare(self, image: np.ndarray, avatar_id: str) -> Avatar:
+        rig = get_rigger().rig(image)
+        return Avatar(avatar_id, image.copy(), rig.face_box, rig.mouth_box,
+                      meta={"engine": self.name})
+
+    def open_stream(self, avatar: Avatar, seed: int | None = None) -> StillStream:
+        return StillStream(avatar.image)
