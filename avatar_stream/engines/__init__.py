@@ -15,7 +15,7 @@ from .base import (
     EngineStream,
 )
 
-ENGINES = ("warp", "still")
+ENGINES = ("warp", "still", "flashhead")
 
 
 def create_engine(name: str, **options: Any) -> Engine:
@@ -28,6 +28,10 @@ def create_engine(name: str, **options: Any) -> Engine:
         from .still import StillEngine
 
         return StillEngine(**options)
+    if name == "flashhead":  # torch and upstream: the `flashhead` extra / Docker target
+        from .flashhead import FlashHeadEngine
+
+        return FlashHeadEngine(**options)
     raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
 
 

@@ -58,6 +58,18 @@ class EngineStream(ABC):
     """One session's model state (warp: animation controls; FlashHead: the audio context)."""
 
     frames_per_step: int = 1
+    #: frames a ``step(None)`` (idle) returns; None: ``frames_per_step``. A chunked engine
+    #: whose idle is cheap returns idle a frame at a time, so speech that arrives never
+    #: waits behind a whole chunk of idle frames.
+    idle_frames_per_step: int | None = None
+    #: False when ``step(None)`` needs no device (a cached idle loop): the caller may run it
+    #: on any thread instead of queueing it behind other sessions' device steps.
+    idle_uses_device: bool = True
+    #: chunked engines with live (real-time) speech: seconds of speech to hold queued, on
+    #: top of one step's worth, before the first step of an utterance that is still
+    #: arriving; later steps then find their speech complete although other sessions'
+    #: steps run first on the shared device. 0: start as soon as one step's speech is in.
+    playout_delay_s: float = 0.0
 
     @abstractmethod
     def step(self, speech: np.ndarray | None) -> np.ndarray:
@@ -65,7 +77,7 @@ class EngineStream(ABC):
 
         ``speech`` is float32 mono 16 kHz of exactly ``frames_per_step * 640`` samples, or
         ``None`` when no speech is queued (the engine then animates idle). Returns uint8 RGB
-        frames shaped ``(frames_per_step, 512, 512, 3)``.
+        frames shaped ``(frames_per_step, 512, 512, 3)`` (idle: ``idle_frames_per_step``).
         """
 
     @abstractmethod
@@ -82,6 +94,16 @@ class Engine(ABC):
     name: ClassVar[str]
     #: threads that may run steps at once (a GPU engine wants exactly one)
     worker_threads: int = 2
+    #: frames per second the device makes, all sessions together, measured by ``warm_up``
+    #: (None: not measured; a CPU engine scales with threads and sets no limit)
+    step_fps: float | None = None
+
+    @property
+    def realtime_sessions(self) -> int | None:
+        """Sessions that fit in real time (every one speaking at 25 fps), or None: no limit."""
+        if self.step_fps is None:
+            return None
+        return int(self.step_fps // FPS)
 
     @abstractmethod
     def prepare(self, image: np.ndarray, avatar_id: str) -> Avatar:
