@@ -1,7 +1,8 @@
-"""The HTTP side: signaling, session control, health, and the browser client.
+"""The HTTP side: signaling, session control, pushed speech, health, and the browser client.
 
 Errors are JSON ``{"error": message}`` with a status that says whose fault it is; a bad
-request never touches another session.
+request never touches another session, and a refused push loses nothing queued before it.
+Who may call what is in ``auth.py``; decoding pushed speech in ``speech.py``.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import asyncio
 import contextlib
 import json
 import logging
+import time
+from collections import OrderedDict
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from importlib import resources
@@ -17,8 +20,18 @@ from pathlib import Path
 from typing import Any
 
 import cv2
-from aiohttp import web
+from aiohttp import WSMsgType, web
 
+from .auth import (
+    AuthError,
+    Credentials,
+    Guard,
+    RateLimiter,
+    TokenIssuer,
+    client_ip,
+    cors_middleware,
+    retry_after,
+)
 from .avatar import reference_image
 from .config import ServerConfig
 from .engines import create_engine
@@ -26,13 +39,19 @@ from .engines.base import Avatar, AvatarError, Engine
 from .ice import restrict_host_addresses
 from .metrics import CONTENT_TYPE, Metrics
 from .session import OfferError, Session
+from .speech import SpeechError, SpeechProtocol, check_utterance_id, decode_body
+from .synchronizer import Event
+from .tts import TTS, TTSError, create_tts
 from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
 WEB_DIR = Path(str(resources.files("avatar_stream") / "web"))
 MAX_OFFER_BYTES = 256 * 1024
+MAX_JSON_BYTES = 64 * 1024  # say, end, and other small JSON bodies
+DECODE_OFF_LOOP_BYTES = 256 * 1024  # bodies bigger than this are decoded on a thread
 DEFAULT_AVATAR = "default"
+WS_OUTBOX = 256  # events waiting for a slow WebSocket reader before it is disconnected
 
 
 @dataclass
@@ -43,9 +62,24 @@ class ServerState:
     avatars: dict[str, Avatar]
     sessions: dict[str, Session] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
+    guard: Guard = field(init=False)
+    creations: RateLimiter = field(init=False)
+    tts: TTS | None = None
+    tts_slots: asyncio.Semaphore = field(init=False)
+    ended: OrderedDict[str, str] = field(default_factory=OrderedDict)  # id -> why it ended
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: list(self.sessions.values()))
+        self.guard = Guard(self.config.api_key, TokenIssuer(self.config.token_secret))
+        self.creations = RateLimiter(self.config.sessions_per_ip_per_minute)
+        self.tts_slots = asyncio.Semaphore(max(1, self.config.tts_concurrency))
+
+    @property
+    def token_ttl_s(self) -> float:
+        ttl = self.config.token_ttl_s
+        if ttl is None:
+            ttl = self.config.session_max_duration_s or 24 * 3600.0
+        return ttl
 
     @property
     def has_capacity(self) -> bool:
@@ -72,11 +106,14 @@ async def load_state(config: ServerConfig) -> ServerState:
         threads = 1
     else:
         cv2.setNumThreads(1)  # parallelism comes from sessions, not from inside a frame
-    return ServerState(config, engine, EngineWorker(threads), {DEFAULT_AVATAR: avatar})
+    state = ServerState(config, engine, EngineWorker(threads), {DEFAULT_AVATAR: avatar})
+    state.tts = create_tts(config)
+    return state
 
 
-_ERROR_KINDS = {400: "bad_request", 401: "unauthorized", 404: "not_found", 413: "too_large",
-                415: "unsupported_media_type", 429: "rate_limited", 503: "unavailable"}
+_ERROR_KINDS = {400: "bad_request", 401: "unauthorized", 403: "forbidden", 404: "not_found",
+                409: "conflict", 410: "gone", 413: "too_large", 415: "unsupported_media_type",
+                429: "rate_limited", 502: "bad_gateway", 503: "unavailable", 504: "timeout"}
 
 
 @web.middleware
@@ -96,8 +133,24 @@ async def count_errors(request: web.Request, handler: Any) -> web.StreamResponse
     return response
 
 
+class HTTPJSONError(web.HTTPException):
+    """An error answered as ``{"error": message}`` with any status (raised by helpers)."""
+
+    def __init__(self, status: int, message: str, **headers: str) -> None:
+        self.status_code = status
+        super().__init__(text=json.dumps({"error": message}), content_type="application/json",
+                         headers=headers or None)
+
+
 def create_app(state: ServerState) -> web.Application:
-    app = web.Application(client_max_size=MAX_OFFER_BYTES, middlewares=[count_errors])
+    config = state.config
+    middlewares: list[Any] = [count_errors]
+    if config.cors_origins:
+        middlewares.insert(0, cors_middleware(config.cors_origins))
+    # bodies are limited per route (read_body); this is only the outer bound
+    app = web.Application(
+        client_max_size=max(MAX_OFFER_BYTES, config.max_audio_bytes), middlewares=middlewares
+    )
     app[STATE] = state
     app.add_routes(
         [
@@ -112,6 +165,10 @@ def create_app(state: ServerState) -> web.Application:
             web.get("/v1/sessions/{id}", get_session),
             web.delete("/v1/sessions/{id}", delete_session),
             web.post("/v1/sessions/{id}/interrupt", interrupt_session),
+            web.post("/v1/sessions/{id}/audio", push_audio),
+            web.post("/v1/sessions/{id}/end", end_utterance),
+            web.post("/v1/sessions/{id}/say", say),
+            web.get("/v1/sessions/{id}/ws", websocket),
         ]
     )
     app.on_shutdown.append(_close_sessions)
@@ -126,8 +183,75 @@ async def _close_sessions(app: web.Application) -> None:
 
 async def _stop_engine(app: web.Application) -> None:
     state = app[STATE]
+    if state.tts is not None:
+        await state.tts.close()
     state.worker.shutdown()
     state.engine.close()
+
+
+# -- request helpers -------------------------------------------------------------------
+
+
+async def read_body(request: web.Request, limit: int) -> bytes:
+    """The body, refused with 413 past ``limit`` bytes (chunked uploads included)."""
+    if request.content_length is not None and request.content_length > limit:
+        raise HTTPJSONError(413, f"body of {request.content_length} bytes; at most {limit}")
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.content.iter_chunked(64 * 1024):
+        size += len(chunk)
+        if size > limit:
+            raise HTTPJSONError(413, f"body over {limit} bytes")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+async def read_json_object(request: web.Request, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise HTTPJSONError(415, "send application/json")
+    body = await read_body(request, limit)
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise HTTPJSONError(400, f"malformed JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise HTTPJSONError(400, "expected a JSON object")
+    return data
+
+
+def _auth_error(exc: AuthError) -> HTTPJSONError:
+    headers = {"WWW-Authenticate": 'Bearer realm="avatar-stream"'} if exc.status == 401 else {}
+    return HTTPJSONError(exc.status, exc.message, **headers)
+
+
+def _require_server(request: web.Request) -> None:
+    try:
+        request.app[STATE].guard.server(Credentials.of(request))
+    except AuthError as exc:
+        raise _auth_error(exc) from None
+
+
+def _session(request: web.Request, allow_query_token: bool = False) -> Session:
+    """The session named in the path, if the caller may use it (401/403), else 404/410."""
+    state = request.app[STATE]
+    sid = request.match_info["id"]
+    try:
+        state.guard.session(Credentials.of(request, allow_query_token), sid)
+    except AuthError as exc:
+        raise _auth_error(exc) from None
+    session = state.sessions.get(sid)
+    if session is None or session.closing:
+        reason = state.ended.get(sid) or (session.end_reason if session else None)
+        if reason is not None:
+            raise HTTPJSONError(410, f"session {sid!r} has ended ({reason})")
+        raise HTTPJSONError(404, f"unknown session {sid!r}")
+    session.touch()
+    return session
+
+
+def _speech_error(exc: SpeechError) -> HTTPJSONError:
+    headers = {"Retry-After": retry_after(exc.retry_after)} if exc.retry_after else {}
+    return HTTPJSONError(exc.status, exc.message, **headers)
 
 
 # -- pages and health ------------------------------------------------------------------
@@ -160,6 +284,7 @@ async def metrics(request: web.Request) -> web.Response:
 
 async def client_config(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    _require_server(request)  # it may hold TURN credentials
     return web.json_response(
         {"ice_servers": [s.to_json() for s in state.config.ice_servers]}
     )
@@ -171,10 +296,11 @@ async def client_config(request: web.Request) -> web.Response:
 async def _read_offer(request: web.Request) -> tuple[str, str | None, bool]:
     """Returns (sdp, avatar id, whether the client speaks WHEP-style application/sdp)."""
     ctype = request.content_type
+    raw = await read_body(request, MAX_OFFER_BYTES)
     try:
-        body = await request.text()
-    except web.HTTPRequestEntityTooLarge:
-        raise
+        body = raw.decode(request.charset or "utf-8")
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise _bad_request(f"the offer is not valid text: {exc}") from exc
     if ctype == "application/sdp":
         return body, request.query.get("avatar"), True
     if ctype != "application/json":
@@ -204,6 +330,14 @@ def _bad_request(message: str) -> web.HTTPBadRequest:
 
 async def create_session(request: web.Request) -> web.Response:
     state = request.app[STATE]
+    _require_server(request)
+    wait = state.creations.hit(client_ip(request, state.config.trust_forwarded_for))
+    if wait:
+        return json_error(
+            429, f"too many sessions created from this address (at most "
+            f"{state.config.sessions_per_ip_per_minute} a minute)",
+            **{"Retry-After": retry_after(wait)},
+        )
     sdp, avatar_id, whep = await _read_offer(request)
     if not sdp.lstrip().startswith("v=0"):
         return json_error(400, "invalid SDP offer: it must start with 'v=0'")
@@ -225,12 +359,13 @@ async def create_session(request: web.Request) -> web.Response:
     except OfferError as exc:
         return json_error(400, str(exc))
     location = f"/v1/sessions/{session.id}"
+    token, expires = state.guard.tokens.issue(session.id, state.token_ttl_s)
     if whep:
         return web.Response(
             status=201,
             text=answer,
             content_type="application/sdp",
-            headers={"Location": location},
+            headers={"Location": location, "X-Session-Token": token},
         )
     return web.json_response(
         {
@@ -238,6 +373,8 @@ async def create_session(request: web.Request) -> web.Response:
             "type": "answer",
             "sdp": answer,
             "avatar": avatar.info(),
+            "token": token,
+            "token_expires_at": expires,
         },
         status=201,
         headers={"Location": location},
@@ -247,21 +384,15 @@ async def create_session(request: web.Request) -> web.Response:
 def _forget(state: ServerState) -> Any:
     def on_closed(session: Session) -> None:
         state.sessions.pop(session.id, None)
+        state.ended[session.id] = session.end_reason or "closed"
+        while len(state.ended) > 1000:
+            state.ended.popitem(last=False)
 
     return on_closed
 
 
-def _session(request: web.Request) -> Session:
-    session = request.app[STATE].sessions.get(request.match_info["id"])
-    if session is None:
-        raise web.HTTPNotFound(
-            text=json.dumps({"error": f"unknown session {request.match_info['id']!r}"}),
-            content_type="application/json",
-        )
-    return session
-
-
 async def list_sessions(request: web.Request) -> web.Response:
+    _require_server(request)
     return web.json_response([s.stats() for s in request.app[STATE].sessions.values()])
 
 
@@ -277,6 +408,179 @@ async def delete_session(request: web.Request) -> web.Response:
 async def interrupt_session(request: web.Request) -> web.Response:
     cut = _session(request).interrupt()
     return web.json_response({"interrupted": cut})
+
+
+# -- pushed speech ---------------------------------------------------------------------
+
+
+def _flag(value: str | None, default: bool) -> bool:
+    if value is None:
+        return default
+    if value.lower() in ("1", "true", "yes", "on"):
+        return True
+    if value.lower() in ("0", "false", "no", "off"):
+        return False
+    raise HTTPJSONError(400, f"end={value!r}: use true or false")
+
+
+async def push_audio(request: web.Request) -> web.Response:
+    """``POST /v1/sessions/{id}/audio?utterance_id=U&end=true``: speech for the avatar.
+
+    Without ``utterance_id`` the body is a whole utterance of its own (``end`` defaults to
+    true); with one, pieces of one utterance may come in several requests, the last with
+    ``end=true`` (or ``POST .../end``).
+    """
+    session = _session(request)
+    state = request.app[STATE]
+    uid_param = request.query.get("utterance_id")
+    try:
+        uid = check_utterance_id(uid_param) if uid_param is not None else session.input.new_id()
+    except SpeechError as exc:
+        raise _speech_error(exc) from None
+    end = _flag(request.query.get("end"), default=uid_param is None)
+    ctype = request.headers.get("Content-Type", "")
+    body = await read_body(request, state.config.max_audio_bytes)
+    try:
+        if len(body) > DECODE_OFF_LOOP_BYTES:
+            loop = asyncio.get_running_loop()
+            pcm = await loop.run_in_executor(None, decode_body, ctype, body)
+        else:
+            pcm = decode_body(ctype, body)
+        if session.closing:
+            raise HTTPJSONError(410, f"session {session.id!r} has ended")
+        queued = await session.input.push_async(pcm, uid, end)
+    except SpeechError as exc:
+        raise _speech_error(exc) from None
+    return web.json_response(
+        {
+            "utterance_id": uid,
+            "received_s": round(pcm.seconds, 3),
+            "queued_s": round(queued, 3),
+            "queue_s": round(session.speech.seconds, 3),
+            "ended": end,
+            "sample_rate": pcm.rate,
+            "channels": pcm.channels,
+            **({"notes": pcm.notes} if pcm.notes else {}),
+        },
+        status=202,
+    )
+
+
+async def end_utterance(request: web.Request) -> web.Response:
+    """``POST /v1/sessions/{id}/end {"utterance_id": U}``: no more audio for U."""
+    session = _session(request)
+    data = await read_json_object(request)
+    try:
+        uid = check_utterance_id(data.get("utterance_id"))
+    except SpeechError as exc:
+        raise _speech_error(exc) from None
+    return web.json_response({"utterance_id": uid, "was_open": session.input.end(uid)})
+
+
+async def say(request: web.Request) -> web.Response:
+    """``POST /v1/sessions/{id}/say {"text": ..., "voice"?, "utterance_id"?}``: speak text
+    through the TTS backend; the speech is queued as it is synthesised."""
+    session = _session(request)
+    state = request.app[STATE]
+    data = await read_json_object(request)
+    text = data.get("text")
+    if not isinstance(text, str) or not text.strip():
+        raise HTTPJSONError(400, 'expected {"text": "something to say"}')
+    if len(text) > state.config.tts_max_chars:
+        raise HTTPJSONError(
+            400, f"text of {len(text)} characters; at most {state.config.tts_max_chars}"
+        )
+    voice = data.get("voice")
+    if voice is not None and not isinstance(voice, str):
+        raise HTTPJSONError(400, "voice must be a string")
+    try:
+        uid = check_utterance_id(data["utterance_id"]) if "utterance_id" in data \
+            else session.input.new_id()
+    except SpeechError as exc:
+        raise _speech_error(exc) from None
+    if state.tts is None:
+        raise HTTPJSONError(503, "text to speech is off on this server (--tts)")
+    try:
+        await asyncio.wait_for(state.tts_slots.acquire(), state.config.tts_timeout_s)
+    except asyncio.TimeoutError:
+        raise HTTPJSONError(503, "text to speech is busy", **{"Retry-After": "2"}) from None
+    queued = 0.0
+    started = time.perf_counter()
+    try:
+        async for pcm in state.tts.stream(text, voice):
+            if session.closing:
+                raise HTTPJSONError(410, f"session {session.id!r} has ended")
+            queued += await session.input.push_async(pcm, uid)
+    except TTSError as exc:
+        raise HTTPJSONError(exc.status, exc.message) from None
+    except SpeechError as exc:
+        raise _speech_error(exc) from None
+    finally:
+        state.tts_slots.release()
+        session.input.end(uid)  # whatever was queued plays to its end
+    return web.json_response(
+        {
+            "utterance_id": uid,
+            "queued_s": round(queued, 3),
+            "synthesis_s": round(time.perf_counter() - started, 3),
+            "tts": state.tts.name,
+        },
+        status=202,
+    )
+
+
+async def websocket(request: web.Request) -> web.StreamResponse:
+    """``GET /v1/sessions/{id}/ws``: the speech protocol (JSON control + binary PCM16) in,
+    the session's events out: the same messages as the ``control`` data channel."""
+    session = _session(request, allow_query_token=True)
+    state = request.app[STATE]
+    ws = web.WebSocketResponse(max_msg_size=state.config.max_ws_message_bytes, heartbeat=30)
+    outbox: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=WS_OUTBOX)
+    write_task: asyncio.Task[None] | None = None
+
+    def send(event: Event) -> None:
+        try:
+            outbox.put_nowait(event)
+        except asyncio.QueueFull:  # a reader this slow is gone or stuck: let it go
+            log.warning("session %s: WebSocket reader too slow; closing it", session.id)
+            asyncio.get_running_loop().create_task(ws.close(code=1008, message=b"too slow"))
+
+    async def writer() -> None:
+        while (event := await outbox.get()) is not None:
+            await ws.send_str(json.dumps(event))
+
+    async def on_session_closed() -> None:
+        with contextlib.suppress(asyncio.QueueFull):
+            outbox.put_nowait(None)  # after session.ended, already queued
+        if write_task is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(asyncio.shield(write_task), 1.0)
+        await ws.close(code=1000, message=b"session ended")
+
+    protocol = SpeechProtocol(
+        session.input, session.interrupt, send,
+        max_binary_bytes=state.config.max_ws_message_bytes, on_activity=session.touch,
+    )
+    session.listeners.append(send)  # before the handshake: no event can slip past
+    session.close_hooks.append(on_session_closed)
+    try:
+        await ws.prepare(request)
+        write_task = asyncio.create_task(writer())
+        async for msg in ws:
+            if msg.type in (WSMsgType.TEXT, WSMsgType.BINARY):
+                protocol.handle(msg.data)
+            elif msg.type == WSMsgType.ERROR:
+                break
+    finally:
+        with contextlib.suppress(ValueError):
+            session.listeners.remove(send)
+        with contextlib.suppress(ValueError):
+            session.close_hooks.remove(on_session_closed)
+        if write_task is not None:
+            write_task.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await write_task
+    return ws
 
 
 @contextlib.asynccontextmanager

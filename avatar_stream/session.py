@@ -1,8 +1,13 @@
 """One avatar session: a peer connection, its speech queue, engine stream and synchronizer.
 
 A session ends the same way whatever ends it (DELETE, the peer failing or closing, a
-connect timeout, server shutdown): ``close()`` stops the tasks, the tracks, the peer
-connection and the engine stream, and drops its queues.
+connect timeout, the idle timeout or maximum duration, server shutdown): ``close()`` tells
+its listeners why (``session.ended``), stops the tasks, the tracks, the peer connection
+and the engine stream, closes its WebSockets, and drops its queues.
+
+Speech comes in three ways and meets in one queue: the peer's audio track (cut into
+utterances by an energy gate), and pushed speech (HTTP, WebSocket, the data channel) with
+utterance ids the front-end chose, through :class:`SpeechInput`.
 """
 
 from __future__ import annotations
@@ -12,7 +17,7 @@ import contextlib
 import json
 import logging
 import secrets
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from typing import Any
 
 from aiortc import RTCPeerConnection, RTCSessionDescription
@@ -22,8 +27,9 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from .config import ServerConfig
 from .engines.base import Avatar, Engine, EngineStream
 from .ice import filter_candidates, rtc_configuration
-from .metrics import Metrics
 from .ingest import LiveSpeechGate, Resampler, frame_to_mono, receive_audio_immediately
+from .metrics import Metrics
+from .speech import SpeechInput, SpeechProtocol
 from .speechqueue import SpeechQueue, SpeechQueueFull
 from .synchronizer import Event, Synchronizer
 from .tracks import PacedTrack
@@ -62,12 +68,19 @@ class Session:
             "audio", maxlen=4, on_consumed=encode.labels("audio").observe if encode else None
         )
         self.speech = SpeechQueue(config.speech_queue_s)
+        self.input = SpeechInput(self.speech, self._speech_queued, config.utterance_idle_end_s)
         self.gate = LiveSpeechGate()
         self.stream: EngineStream | None = None
         self.sync: Synchronizer | None = None
         self.channel: RTCDataChannel | None = None
+        # event fan-out (WebSockets) and what to close with the session
         self.listeners: list[Callable[[Event], None]] = []
+        self.close_hooks: list[Callable[[], Awaitable[None]]] = []
         self.closed = asyncio.Event()
+        self.end_reason: str | None = None
+        loop = asyncio.get_running_loop()
+        self.created_at = loop.time()
+        self.last_activity = self.created_at
         self._closing = False
         self._ready_sent = False
         self._tasks: set[asyncio.Task[Any]] = set()
@@ -105,6 +118,7 @@ class Session:
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         self._spawn(self._connect_timeout())
+        self._spawn(self._watchdog())
         return self.pc.localDescription.sdp
 
     def _wire_events(self) -> None:
@@ -122,7 +136,11 @@ class Session:
             if channel.label != "control":
                 return
             self.channel = channel
-            channel.on("message", self._on_message)
+            protocol = SpeechProtocol(
+                self.input, self.interrupt, self._reply_on(channel),
+                max_binary_bytes=self.config.max_ws_message_bytes, on_activity=self.touch,
+            )
+            channel.on("message", protocol.handle)
             self._maybe_ready()
 
         @pc.on("connectionstatechange")
@@ -140,6 +158,33 @@ class Session:
         if self.pc.connectionState != "connected":
             await self.close("connect timeout")
 
+    def touch(self) -> None:
+        """Someone used the session (speech, a call, a control message): not idle."""
+        self.last_activity = asyncio.get_running_loop().time()
+
+    async def _watchdog(self) -> None:
+        """End the session when idle too long or past its maximum duration, so a
+        front-end that forgets DELETE (or a browser tab left open) frees its slot."""
+        idle_s = self.config.session_idle_timeout_s
+        max_s = self.config.session_max_duration_s
+        loop = asyncio.get_running_loop()
+        while True:
+            now = loop.time()
+            if self.speech.total or (self.sync is not None and self.sync.speaking):
+                self.last_activity = now  # speaking is not idle
+            if max_s > 0 and now - self.created_at >= max_s:
+                await self.close(f"maximum session duration ({max_s:g} s) reached")
+                return
+            if idle_s > 0 and now - self.last_activity >= idle_s:
+                await self.close(f"idle for {idle_s:g} s")
+                return
+            waits = [1.0]
+            if idle_s > 0:
+                waits.append(self.last_activity + idle_s - now)
+            if max_s > 0:
+                waits.append(self.created_at + max_s - now)
+            await asyncio.sleep(max(0.05, min(waits)))
+
     # -- speech in -------------------------------------------------------------------
 
     async def _ingest(self, track: MediaStreamTrack) -> None:
@@ -152,6 +197,7 @@ class Session:
                 return
             pcm = resample(frame_to_mono(frame), frame.sample_rate)
             for utterance, samples in self.gate.feed(pcm, self.speech.seconds):
+                self.touch()
                 if samples is None:
                     self.speech.end(utterance)
                     continue
@@ -160,28 +206,30 @@ class Session:
                 except SpeechQueueFull:
                     self.mic_dropped_s += len(samples) / 16000
 
+    def _speech_queued(self) -> None:
+        """Pushed speech (or an utterance's end) was queued: use it now."""
+        self.touch()
+        if self.sync is not None:
+            self.sync.notify_speech()
+
     # -- control ---------------------------------------------------------------------
 
-    def _on_message(self, message: str | bytes) -> None:
-        if isinstance(message, bytes):
-            self.emit({"type": "error", "message": "binary messages are not accepted here"})
-            return
-        try:
-            msg = json.loads(message)
-            kind = msg["type"]
-        except (ValueError, KeyError, TypeError):
-            self.emit({"type": "error", "message": "control messages are JSON objects with a 'type'"})
-            return
-        if kind == "interrupt":
-            self.interrupt()
-        elif kind == "ping":
-            self.emit({"type": "pong"})
-        else:
-            self.emit({"type": "error", "message": f"unknown control message type {kind!r}"})
+    def _reply_on(self, channel: RTCDataChannel) -> Callable[[Event], None]:
+        """Replies meant for one data channel only (acks, protocol errors, pong)."""
+
+        def reply(event: Event) -> None:
+            if event["type"] == "error" and self.metrics:
+                self.metrics.errors.labels("control").inc()
+            if channel.readyState == "open":
+                channel.send(json.dumps(event))
+
+        return reply
 
     def interrupt(self) -> list[str]:
         """Barge-in: stop speaking now and go back to idle."""
+        self.touch()
         self.gate.cancel()
+        self.input.interrupt()
         return self.sync.interrupt() if self.sync else self.speech.clear()
 
     # -- events out ------------------------------------------------------------------
@@ -192,7 +240,10 @@ class Session:
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(json.dumps(event))
         for listener in list(self.listeners):
-            listener(event)
+            try:
+                listener(event)
+            except Exception:  # one broken listener must not starve the others
+                log.exception("session %s: event listener failed", self.id)
 
     def _maybe_ready(self) -> None:
         if self._ready_sent or self.sync is None or not self.sync.running:
@@ -209,12 +260,20 @@ class Session:
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
+    @property
+    def closing(self) -> bool:
+        """close() has begun: the session takes no more speech or calls."""
+        return self._closing
+
     async def close(self, reason: str = "closed") -> None:
         if self._closing:
             await self.closed.wait()
             return
         self._closing = True
+        self.end_reason = reason
         log.info("session %s ends: %s", self.id, reason)
+        with contextlib.suppress(Exception):
+            self.emit({"type": "session.ended", "reason": reason})
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
@@ -233,8 +292,13 @@ class Session:
                     await task
         if self.stream is not None:
             await self.worker.run(self.stream.close)
+        self.input.close()
         self.speech.clear()
         self.listeners.clear()
+        for hook in list(self.close_hooks):
+            with contextlib.suppress(Exception):
+                await hook()
+        self.close_hooks.clear()
         self.closed.set()
         if self._on_closed:
             self._on_closed(self)
@@ -245,6 +309,7 @@ class Session:
             "session_id": self.id,
             "state": self.pc.connectionState,
             "speech_queued_s": round(self.speech.seconds, 3),
+            "age_s": round(asyncio.get_running_loop().time() - self.created_at, 1),
             **({k: round(v, 5) for k, v in vars(sync).items()} if sync else {}),
         }
 

@@ -138,42 +138,36 @@ def _not_wav(data: bytes) -> str:
     return "not a WAV file (no RIFF/WAVE header)"
 
 
-def decode_wav(data: bytes) -> Pcm:
-    """A RIFF WAVE file: PCM 8/16/24/32-bit, IEEE float 32/64, or WAVE_FORMAT_EXTENSIBLE.
+WavFormat = tuple[int, int, int, int, int]  # tag, channels, rate, block align, bits
 
-    A data size of 0 or of some huge placeholder (what a writer streaming to a pipe puts
-    there) means "the rest of the body". A data size that is plainly wrong (more bytes
-    than the body holds) is a truncated file and is refused. Header chunks that run past
-    the end of the body are refused.
-    """
-    if not data:
-        raise SpeechError(400, "empty body: no audio")
-    if len(data) < 12 or data[:4] not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
+
+def wav_format(data: bytes, complete: bool = False) -> tuple[WavFormat, int, int | None] | None:
+    """Parse a WAV header: (format, offset of the samples, data size or None for "to the
+    end"). With ``complete=False`` (a stream) returns None while more bytes are needed;
+    raises SpeechError for what is not, or cannot be, a WAV file."""
+    magic = data[:4]
+    if len(data) < 12:
+        if complete or (magic and not (b"RIFF".startswith(magic) or b"RF64".startswith(magic))):
+            raise SpeechError(400, "empty body: no audio" if not data else _not_wav(data))
+        return None
+    if magic not in (b"RIFF", b"RF64") or data[8:12] != b"WAVE":
         raise SpeechError(400, _not_wav(data))
-    notes: list[str] = []
-    fmt: tuple[int, int, int, int, int] | None = None
+    fmt: WavFormat | None = None
     pos = 12
     while True:
         if pos + 8 > len(data):
-            raise SpeechError(400, "truncated WAV: no data chunk")
+            if complete:
+                raise SpeechError(400, "truncated WAV: no data chunk")
+            return None
         cid, size = data[pos : pos + 4], struct.unpack_from("<I", data, pos + 4)[0]
         body = pos + 8
         if cid == b"data":
             if fmt is None:
                 raise SpeechError(400, "malformed WAV: the data chunk comes before any fmt chunk")
-            present = len(data) - body
-            if size == 0 or size >= _PLACEHOLDER_SIZE:
-                if size:
-                    notes.append(f"WAV data size field {size:#x} is a streaming placeholder: "
-                                 f"used the {present} bytes present")
-                size = present
-            elif size > present:
-                raise SpeechError(
-                    400, f"truncated WAV: the data chunk says {size} bytes but only "
-                    f"{present} are present"
-                )
-            return _wav_samples(data[body : body + size], fmt, notes)
+            return fmt, body, None if size == 0 or size >= _PLACEHOLDER_SIZE else size
         if body + size > len(data):
+            if not complete and size < 1 << 20:
+                return None
             raise SpeechError(
                 400, f"truncated or malformed WAV: chunk {cid!r} says {size} bytes, "
                 f"past the end of the body"
@@ -183,7 +177,34 @@ def decode_wav(data: bytes) -> Pcm:
         pos = body + size + (size & 1)
 
 
-def _parse_fmt(chunk: bytes) -> tuple[int, int, int, int, int]:
+def decode_wav(data: bytes) -> Pcm:
+    """A RIFF WAVE file: PCM 8/16/24/32-bit, IEEE float 32/64, or WAVE_FORMAT_EXTENSIBLE.
+
+    A data size of 0 or of some huge placeholder (what a writer streaming to a pipe puts
+    there: espeak-ng and sox write 0x7FFFF000) means "the rest of the body". A data size
+    that is plainly wrong (more bytes than the body holds, and no placeholder) is a
+    truncated file and is refused. Header chunks that run past the end are refused.
+    """
+    found = wav_format(data, complete=True)
+    assert found is not None
+    fmt, body, size = found
+    present = len(data) - body
+    notes: list[str] = []
+    if size is None:
+        claimed = struct.unpack_from("<I", data, body - 4)[0]
+        if claimed:
+            notes.append(f"WAV data size field {claimed:#x} is a streaming placeholder: "
+                         f"used the {present} bytes present")
+        size = present
+    elif size > present:
+        raise SpeechError(
+            400, f"truncated WAV: the data chunk says {size} bytes but only {present} are "
+            "present"
+        )
+    return wav_frames(data[body : body + size], fmt, notes)
+
+
+def _parse_fmt(chunk: bytes) -> WavFormat:
     """Returns (format tag, channels, rate, block align, bits per sample)."""
     if len(chunk) < 16:
         raise SpeechError(400, f"malformed WAV: fmt chunk is {len(chunk)} bytes (at least 16)")
@@ -207,7 +228,9 @@ def _parse_fmt(chunk: bytes) -> tuple[int, int, int, int, int]:
     return tag, channels, rate, align, bits
 
 
-def _wav_samples(raw: bytes, fmt: tuple[int, int, int, int, int], notes: list[str]) -> Pcm:
+def wav_frames(raw: bytes, fmt: WavFormat, notes: list[str] | None = None) -> Pcm:
+    """Decode WAV sample bytes of format ``fmt`` (a partial last frame is dropped)."""
+    notes = [] if notes is None else notes
     tag, channels, rate, align, bits = fmt
     whole = len(raw) - len(raw) % align
     if whole != len(raw):
