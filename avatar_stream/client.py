@@ -4,6 +4,11 @@ It does what a browser does: offers audio (send/receive) and video (receive) plu
 ``control`` data channel, plays speech into its outgoing audio track in real time, and
 records what comes back (when each video frame and audio frame arrived, and with what
 timestamp) so the benchmark and the tests can measure it.
+
+It also does what a voice-assistant front-end does: pushes speech ahead of playout (HTTP
+or the data channel, any rate, utterance by utterance), ends utterances, barges in, and
+iterates the session's events. ``SessionControl`` (from ``control.py``, re-exported here)
+does the same for a session another peer holds, without media.
 """
 
 from __future__ import annotations
@@ -14,7 +19,7 @@ import fractions
 import json
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -27,10 +32,24 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtp import RtpPacket
 
 from .config import IceServer
+from .control import (
+    Audio,
+    EventHub,
+    RequestError,
+    SessionCalls,
+    SessionControl,
+    SpeechSender,
+    stream_pcm16,
+)
 from .ice import filter_candidates, restrict_host_addresses, rtc_configuration
 
 MIC_RATE = 48_000
 MIC_FRAME = 960  # 20 ms
+# speech pushed on the data channel: stop sending above HIGH bytes buffered, go on below LOW
+DC_HIGH_WATER = 256 * 1024
+DC_LOW_WATER = 64 * 1024
+
+__all__ = ["AvatarClient", "RequestError", "SessionControl", "SpeechTrack", "Received"]
 
 
 class SpeechTrack(MediaStreamTrack):
@@ -152,8 +171,12 @@ class Received:
         return np.concatenate(self.audio) if self.audio else np.zeros(0, np.float32)
 
 
-class AvatarClient:
-    """One session, as a client: ``async with AvatarClient(url) as c: ...``."""
+class AvatarClient(SessionCalls):
+    """One session, as a client: ``async with AvatarClient(url) as c: ...``.
+
+    ``token`` is the session token from the server (for this session's calls);
+    ``api_key`` is needed to create a session on a server that has one.
+    """
 
     def __init__(
         self,
@@ -163,8 +186,12 @@ class AvatarClient:
         ice_servers: list[IceServer] | None = None,
         ice_host_addresses: list[str] | None = ("127.0.0.1",),  # type: ignore[assignment]
         record_mouth: bool = True,
+        api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.api_key = api_key
+        self.token: str | None = None
+        self.hub = EventHub()
         self.avatar = avatar
         self.ice_host_addresses = list(ice_host_addresses) if ice_host_addresses else None
         self.pc = RTCPeerConnection(rtc_configuration(ice_servers or []))
@@ -176,6 +203,9 @@ class AvatarClient:
         self.connect_started: float | None = None
         self.first_frame_at: float | None = None
         self._channel = self.pc.createDataChannel("control")
+        self._channel.bufferedAmountLowThreshold = DC_LOW_WATER
+        self._buffer_low = asyncio.Event()
+        self._sender = SpeechSender(self._dc_send_text, self._dc_send_bytes, self._dc_drain)
         self._events: asyncio.Queue[dict[str, Any]] = asyncio.Queue(maxsize=1000)
         self._event_listeners: list[Callable[[dict[str, Any]], None]] = []
         self._tasks: list[asyncio.Task[None]] = []
@@ -207,11 +237,17 @@ class AvatarClient:
         def on_open() -> None:
             self._channel_open.set()
 
+        @self._channel.on("bufferedamountlow")
+        def on_buffer_low() -> None:
+            self._buffer_low.set()
+
         @self._channel.on("message")
         def on_message(message: str | bytes) -> None:
             if isinstance(message, str):
                 event = json.loads(message)
                 self.received.events.append((time.perf_counter(), event))
+                self._sender.on_message(event)
+                self.hub.publish(event)
                 with contextlib.suppress(asyncio.QueueFull):
                     self._events.put_nowait(event)
 
@@ -220,11 +256,14 @@ class AvatarClient:
         body: dict[str, Any] = {"type": "offer", "sdp": self.pc.localDescription.sdp}
         if self.avatar:
             body["avatar"] = self.avatar
-        async with self._http.post(f"{self.base_url}/v1/sessions", json=body) as resp:
+        headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        async with self._http.post(f"{self.base_url}/v1/sessions", json=body,
+                                   headers=headers) as resp:
             data = await resp.json()
             if resp.status != 201:
-                raise RuntimeError(f"session refused ({resp.status}): {data.get('error')}")
+                raise RequestError(resp.status, f"session refused: {data.get('error')}")
         self.session_id = data["session_id"]
+        self.token = data.get("token")
         self.avatar_info = data.get("avatar", {})
         answer = filter_candidates(data["sdp"], self.ice_host_addresses)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
@@ -286,10 +325,60 @@ class AvatarClient:
         self.send({"type": "interrupt"})
         return time.perf_counter()
 
+    # -- pushed speech -------------------------------------------------------------------
+
+    async def push_speech(
+        self, audio: Audio, rate: int, utterance_id: str | None = None, end: bool = True, *,
+        channels: int | None = None, via: str = "http",
+    ) -> str:
+        """Queue speech ahead of playout; returns the utterance id.
+
+        ``audio``: numpy (float in [-1, 1] or int16; (n,) or (n, channels)) or bytes
+        (PCM16 little-endian, or a whole WAV file), at any ``rate``. ``via="http"`` posts
+        it; ``via="datachannel"`` streams it on the peer connection's ``control`` channel,
+        pausing while more than 256 KB is buffered there. With ``end=False`` more pieces
+        of the utterance may follow under the same id. Raises RequestError when refused
+        (429: the queue is full and nothing of this push was queued).
+        """
+        if via == "http":
+            reply = await self.push_speech_http(audio, rate, utterance_id, end, channels)
+            return str(reply["utterance_id"])
+        if via != "datachannel":
+            raise ValueError("via must be 'http' or 'datachannel'")
+        pcm16, rate, ch = stream_pcm16(audio, rate, channels)
+        return await self._sender.send(pcm16, rate, ch, utterance_id, end)
+
+    async def end_utterance(self, utterance_id: str, via: str = "http") -> None:
+        """No more audio for this utterance (it plays to its end, then speech.finished)."""
+        if via == "datachannel":
+            await self._dc_send_text(json.dumps({"type": "end", "utterance_id": utterance_id}))
+        else:
+            await self.end_utterance_http(utterance_id)
+
+    def events(self) -> AsyncIterator[dict[str, Any]]:
+        """Session events from now on (data channel), until close()."""
+        return self.hub.events()
+
+    async def _dc_send_text(self, text: str) -> None:
+        self._channel.send(text)
+
+    async def _dc_send_bytes(self, data: bytes) -> None:
+        self._channel.send(data)
+
+    async def _dc_drain(self) -> None:
+        """Wait while the data channel holds more than DC_HIGH_WATER bytes unsent: SCTP
+        sends at the congestion window's pace, and aiortc buffers without bound."""
+        channel = self._channel
+        while channel.bufferedAmount > DC_HIGH_WATER and channel.readyState == "open":
+            self._buffer_low.clear()
+            await asyncio.wait_for(self._buffer_low.wait(), 30)
+
     async def close(self) -> None:
+        self.hub.finish()
         if self._http is not None and self.session_id is not None:
             with contextlib.suppress(aiohttp.ClientError):
-                async with self._http.delete(f"{self.base_url}/v1/sessions/{self.session_id}"):
+                async with self._http.delete(f"{self.base_url}/v1/sessions/{self.session_id}",
+                                             headers=self._auth()):
                     pass
         for task in self._tasks:
             task.cancel()
