@@ -20,9 +20,14 @@ over) without folding the picture anywhere else.
 
 from __future__ import annotations
 
+import hashlib
+import logging
 import math
+import os
+import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import cv2
@@ -41,6 +46,8 @@ from .base import (
     Engine,
     EngineStream,
 )
+
+log = logging.getLogger(__name__)
 
 _NOSE_BOTTOM = 2  # face-mesh point under the nose (subnasale)
 _DEG = math.pi / 180.0
@@ -104,9 +111,11 @@ class WarpRig:
     smooth: dict[str, _Field]  # 1/_LOWRES resolution, whole ROI (head pose, breath)
     track: np.ndarray  # (n_track, 2) float32 contour points in the photo
     teeth_height: float  # most upper teeth shown, px
-    cavity_rgb: np.ndarray  # (3,) float32 colours of the painted parts
+    cavity_rgb: np.ndarray  # (3,) float32 colours of the painted parts: the dark back,
+    mucosa_rgb: np.ndarray  # the warm wet skin just inside the lips,
     tongue_rgb: np.ndarray
     teeth_rgb: np.ndarray
+    grain: np.ndarray  # (512, 512) float32: the photo's own noise, laid over the painting
     jaw_max: float  # px the lower lip drops at jaw = 1
 
 
@@ -239,23 +248,32 @@ def _jaw_field(g: _Geometry, x: np.ndarray, y: np.ndarray) -> np.ndarray:
     lens = _lens(g, u)
     # below the lips the drop starts at ``lens`` (the lips part) and reaches 1 further down;
     # outside the corners it starts at 0 (the cheeks stretch)
-    below = lens + (1.0 - lens) * _smoothstep(t / (1.7 * g.jaw_max))
+    below = lens + (1.0 - lens) * _smoothstep(t / (2.5 * g.jaw_max))
     chin_v = g.uv[fr.CHIN, 1]
     du = u
-    # the moving jaw follows the face outline, which narrows towards the chin
+    # the drop fades out sideways over at least 1.8 jaw_max (a steeper fade shears the skin
+    # into streaks and, past a slope of 1, folds it); how far down it reaches is set by the
+    # jaw line (the lower face outline) under each point, below which the neck stretches
     oval = g.ids(fr.FACE_OVAL)
     lower = oval[oval[:, 1] > 0]
-    order = np.argsort(lower[:, 1])
-    half = np.interp(v, lower[order, 1], np.abs(lower[order, 0]))
-    outer = 1.1 * np.maximum(half, 0.28 * g.face_w)
-    inner = np.minimum(0.9 * g.mouth_hw + 0.15 * np.clip(t, 0, None), 0.8 * outer)
+    inner = 0.9 * g.mouth_hw + 0.1 * np.clip(t, 0.0, chin_v)
+    outer = inner + max(1.8 * g.jaw_max, 0.22 * g.face_w)
     lateral = _falloff(np.abs(du), inner, outer)
     gain = 1.0 + 0.2 * np.clip(t / max(chin_v, 1.0), 0.0, 1.0)
-    neck = _falloff(v - chin_v, 0.0, 0.36 * g.face_h)
-    dv_lower = np.where(t >= 0.0, below * lateral * gain * neck, 0.0)
+    # below the jaw line (the lower face outline) the neck stretches and the motion fades
+    by_u = np.argsort(lower[:, 0])
+    jaw_line = np.interp(u, lower[by_u, 0], lower[by_u, 1])
+    neck = _falloff(v - jaw_line, 0.0, 0.36 * g.face_h)
+    # the cheeks beside the mouth follow the jaw a little, fading out towards the eyes
+    eye_v = float(g.ids([*fr.LEFT_EYE_CORNERS, *fr.RIGHT_EYE_CORNERS])[:, 1].mean())
+    beside = _smoothstep((np.abs(du) - 0.5 * g.mouth_hw) / (0.8 * g.mouth_hw))
+    inside = _falloff(_oval_r(g, u, v), 0.7, 0.95)
+    cheek = 0.2 * beside * _falloff(-v, 0.0, 0.8 * abs(eye_v)) * inside * neck
+    drop = 1.0 - (1.0 - below * lateral * gain) * (1.0 - cheek)
+    dv_lower = np.where(t >= 0.0, drop * neck, 0.0)
     nose_gap = max(float(-g.uv[_NOSE_BOTTOM, 1]), 4.0)
     lift = _falloff(np.clip(split_up - v, 0.0, None), 0.0, 1.2 * nose_gap)
-    dv_upper = np.where(t < 0.0, -0.1 * lens * lift, 0.0)
+    dv_upper = np.where(t < 0.0, -0.1 * lens * lift + cheek, 0.0)
     # the mouth narrows a little as it opens
     band = _falloff(np.abs(v - 0.3 * g.jaw_max), 0.8 * g.jaw_max, 2.5 * g.jaw_max)
     narrow = -0.06 * du / g.mouth_hw * _falloff(np.abs(du), g.mouth_hw, 2.2 * g.mouth_hw)
@@ -378,6 +396,19 @@ def _median_colour(image: np.ndarray, mask: np.ndarray, fallback: np.ndarray) ->
     return np.median(pixels, axis=0).astype(np.float32)
 
 
+def _grain(image: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    """Noise with the photo's own grain strength (robust std of its fine detail on the face):
+    painted areas without it look pasted on, too clean for the photo around them."""
+    grey = cv2.cvtColor(image, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    detail = grey - cv2.GaussianBlur(grey, (0, 0), 1.0)
+    values = detail[mask > 0]
+    sigma = 1.4826 * float(np.median(np.abs(values))) if values.size else 2.0
+    white = np.random.default_rng(0).standard_normal(image.shape[:2]).astype(np.float32)
+    noise = np.asarray(cv2.GaussianBlur(white, (0, 0), 0.6))  # photo grain is a little soft
+    scale = np.clip(sigma, 0.8, 6.0) / max(float(noise.std()), 1e-6)
+    return (noise * scale).astype(np.float32)
+
+
 def build_rig(image: np.ndarray, landmarks: np.ndarray) -> WarpRig:
     """All the heavy work for one avatar: fields, the ROI they touch, painting colours."""
     if image.shape != (FRAME_SIZE, FRAME_SIZE, 3) or image.dtype != np.uint8:
@@ -443,26 +474,38 @@ def build_rig(image: np.ndarray, landmarks: np.ndarray) -> WarpRig:
         smooth=smooth,
         track=track.astype(np.float32),
         teeth_height=0.22 * g.mouth_hw,
-        cavity_rgb=(lip_rgb * np.array([0.34, 0.17, 0.16]) + 2.0).astype(np.float32),
-        tongue_rgb=(lip_rgb * np.array([0.7, 0.42, 0.4])).astype(np.float32),
-        teeth_rgb=(np.array([228.0, 212.0, 182.0]) * light).astype(np.float32),
+        cavity_rgb=(lip_rgb * np.array([0.25, 0.095, 0.08]) + 1.5).astype(np.float32),
+        mucosa_rgb=(lip_rgb * np.array([0.62, 0.3, 0.27])).astype(np.float32),
+        tongue_rgb=(lip_rgb * np.array([0.78, 0.44, 0.42])).astype(np.float32),
+        # ivory, lit like the skin and tinted a little by the photo's own colour cast
+        teeth_rgb=(np.array([222.0, 210.0, 184.0]) * light * 0.85 + 0.15 * skin_rgb * 1.2)
+        .astype(np.float32),
+        grain=_grain(image, oval),
         jaw_max=g.jaw_max,
     )
-    fields = [*sharp.values(), *smooth.values()]
-    for arr in (rig.image, rig.grid, rig.track, *(f.data for f in fields)):
-        arr.flags.writeable = False  # shared by every session: make that a fact
+    _freeze(rig)
     return rig
+
+
+def _freeze(rig: WarpRig) -> None:
+    """A rig is shared by every session on every thread: make read-only a fact."""
+    fields = [*rig.sharp.values(), *rig.smooth.values()]
+    for arr in (rig.image, rig.grid, rig.track, rig.grain, *(f.data for f in fields)):
+        arr.flags.writeable = False
 
 
 # --- drawing -----------------------------------------------------------------------------------
 
 
-def render(rig: WarpRig, c: Controls) -> np.ndarray:
-    """Draw one frame: weighted fields summed into one map, one remap of the part of the ROI
-    the active fields touch, then the painted mouth interior and eyelids. Returns a new
-    (512, 512, 3) uint8 array."""
+def backward_map(rig: WarpRig, c: Controls) -> np.ndarray:
+    """The frame's backward map over the ROI: (h, w, 2) float32 absolute photo coordinates
+    each output pixel is sampled from (the weighted sum of the fields)."""
+    return _sum_fields(rig, c)[0]
+
+
+def _sum_fields(rig: WarpRig, c: Controls) -> tuple[np.ndarray, np.ndarray, list[Box]]:
+    """(backward map, first-order tracked points, boxes of the active fields)."""
     x0, y0, x1, y1 = rig.roi
-    out = rig.image.copy()
     track = rig.track.copy()
     boxes = []
     low: Any = None  # the summed low-resolution head fields
@@ -484,6 +527,16 @@ def render(rig: WarpRig, c: Controls) -> np.ndarray:
             cv2.scaleAdd(f.data, -wt, win, dst=win)  # in place on the window
             track += f.track * wt
             boxes.append(f.box)
+    return mapxy, track, boxes
+
+
+def render(rig: WarpRig, c: Controls) -> np.ndarray:
+    """Draw one frame: weighted fields summed into one map, one remap of the part of the ROI
+    the active fields touch, then the painted mouth interior and eyelids. Returns a new
+    (512, 512, 3) uint8 array."""
+    x0, y0 = rig.roi[:2]
+    out = rig.image.copy()
+    mapxy, track, boxes = _sum_fields(rig, c)
     if boxes:  # remap only where something moves; elsewhere the photo is already right
         bx0, by0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
         bx1, by1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
@@ -551,25 +604,59 @@ def _blend(out: np.ndarray, s: _Span, colour: np.ndarray, alpha: np.ndarray) -> 
 def _paint_mouth(
     rig: WarpRig, out: np.ndarray, top: np.ndarray, bottom: np.ndarray, strength: float
 ) -> None:
-    """Fill the gap between the parted lips: a dark cavity, upper teeth in the lip's shadow,
-    a hint of tongue when wide open. Edges are feathered against the lips."""
+    """Fill the gap between the parted lips with what a camera sees there: upper teeth
+    coming out of the upper lip's shadow (separate teeth, receding into the dark towards the
+    corners), a warm, dark cavity that is darkest at the back and in the corners, the wet
+    inner lip catching some light, the tongue and a hint of lower teeth when wide open, and
+    the photo's own grain over all of it. Edges are feathered against the lips."""
     s = _span(top, bottom, out.shape, 2)
     if s is None or s.gap.max() < 0.3:
         return
     gap, xn, t = s.gap[None, :], s.xn[None, :], s.t
-    cover = _soft(t, 1.2) * _soft(gap - t, 1.5) * np.clip(gap, 0.0, 1.0) * strength
-    # upper teeth: a band under the upper lip, shorter and darker towards the corners
-    th = np.minimum(0.5 * gap, rig.teeth_height * (1.0 - 0.7 * xn * xn))
-    teeth_a = _soft(th - t, 1.8) * (1.0 - _smoothstep((xn - 0.3) / 0.45)) * np.clip(gap / 3, 0, 1)
-    shade = (1.0 - 0.6 * xn * xn) * (0.75 + 0.25 * _soft(t - 1.5, 4.0))
-    shade = shade * (1.0 - 0.15 * np.exp(-((s.dx[None, :] / 0.8) ** 2)))  # the incisor line
-    # cavity: darkest deep inside, tongue rising at the bottom of a wide opening
-    tongue_a = _smoothstep((t - 0.55 * gap) / np.maximum(0.45 * gap, 1.0))
-    tongue_a = tongue_a * np.clip((gap - 1.5 * rig.teeth_height) / rig.teeth_height, 0, 1) * 0.7
-    cav = rig.cavity_rgb * (0.55 + 0.6 * xn[..., None])  # darkest deep in the middle
-    cav = cav + (rig.tongue_rgb - cav) * tongue_a[..., None]
-    colour = cav + (rig.teeth_rgb * shade[..., None] - cav) * teeth_a[..., None]
-    _blend(out, s, colour, cover)
+    th0 = rig.teeth_height
+    cover = _soft(t, 1.1) * _soft(gap - t, 1.3) * np.clip(gap, 0.0, 1.0) * strength
+    # paint only where the lips actually parted: the photo's own gap between closed lips
+    # (largest near the corners, where the lips do not part) stays the photo's
+    cols = np.arange(s.xa, s.xa + t.shape[1], dtype=np.float32)
+    rest = _interp_contour(cols, rig.track[_LIP_LO]) - _interp_contour(cols, rig.track[_LIP_UP])
+    cover = cover * np.clip((gap - np.maximum(rest, 0.0)[None, :]) / 1.5, 0.0, 1.0)
+    occlusion = 1.0 - 0.65 * xn * xn  # the corners are deep in shadow
+    # cavity: the dark back, warming towards the lower lip's wet inner edge
+    rim = np.exp(-np.maximum(gap - t, 0.0) / (0.9 + 0.08 * gap))
+    rim = rim + 0.5 * np.exp(-np.maximum(t, 0.0) / (0.8 + 0.05 * gap))
+    rim = np.clip(rim, 0.0, 1.0)
+    colour = rig.cavity_rgb + (rig.mucosa_rgb - rig.cavity_rgb) * rim[..., None]
+    if float(s.gap.max()) > 1.3 * th0:  # wide open (the layers below are empty otherwise)
+        # tongue: a rounded hump rising from the bottom of the opening
+        hump = (gap - 1.3 * th0).clip(0.0, None) * 0.45 * (1.0 - (xn / 0.8) ** 2).clip(0.0, 1.0)
+        tongue_top = gap - np.minimum(hump, 0.4 * gap)
+        tongue_a = _soft(t - tongue_top, 1.6) * np.clip(hump / 2.0, 0.0, 1.0)
+        lit = 0.55 + 0.45 * np.exp(-np.maximum(t - tongue_top, 0.0) / 2.5)  # its top is lit
+        colour += (rig.tongue_rgb * lit[..., None] - colour) * tongue_a[..., None]
+        # lower teeth: only their tips show above the lower lip
+        low_h = 0.3 * th0 * np.clip((gap - 1.8 * th0) / th0, 0.0, 1.0) * (1.0 - xn * xn)
+        low_a = _soft(t - (gap - low_h), 1.0) * (1.0 - _smoothstep((xn - 0.25) / 0.35)) * 0.4
+        colour += (0.5 * (rig.teeth_rgb + rig.mucosa_rgb) - colour) * low_a[..., None]
+    colour = colour * occlusion[..., None]
+    # where the opening tapers into the corners it is lip tissue, not a black hole
+    corner = 0.7 * _smoothstep((xn - 0.55) / 0.4)
+    colour = colour + (rig.mucosa_rgb - colour) * corner[..., None]
+    # upper teeth along an arch: incisors wide, the side teeth narrower and turned away
+    arch = 1.05 * max(float(np.abs(s.dx).max()), 1.0)
+    along = arch * np.arcsin(np.clip(np.abs(s.dx) / arch, 0.0, 0.999))  # px along the arch
+    edges = np.array([0.0, 0.36, 0.64, 0.9, 1.15]) * arch  # tooth boundaries along the arch
+    seam = np.min(np.abs(along[:, None] - edges[None, :]), axis=1)[None, :]
+    notch = np.exp(-((seam / (0.8 + 0.03 * arch)) ** 2))
+    th = np.minimum(0.6 * gap, th0 * (1.0 - 0.55 * xn * xn)) - 0.1 * th0 * notch
+    teeth_a = _soft(th - t, 1.0) * (1.0 - _smoothstep((xn - 0.5) / 0.4)) * np.clip(gap / 2.5, 0, 1)
+    shade = 0.5 + 0.5 * _smoothstep((t + 0.5) / (0.35 * th0 + 1.0))  # the upper lip's shadow
+    shade = shade * (1.0 - 0.6 * xn**1.5) * (1.0 - 0.25 * notch * (1.0 - xn))
+    shade = shade * (0.86 + 0.14 * _soft(th - t - 1.2, 1.5))  # translucent biting edges
+    # shadowed teeth take the cavity's warm colour, not grey
+    teeth = rig.cavity_rgb + (rig.teeth_rgb - rig.cavity_rgb) * shade[..., None]
+    colour = colour + (teeth - colour) * teeth_a[..., None]
+    grain = rig.grain[s.ya : s.ya + t.shape[0], s.xa : s.xa + t.shape[1]]
+    _blend(out, s, colour + grain[..., None], cover)
 
 
 def _paint_lid(out: np.ndarray, top: np.ndarray, bottom: np.ndarray, closed: float) -> None:
@@ -599,11 +686,37 @@ def _paint_lid(out: np.ndarray, top: np.ndarray, bottom: np.ndarray, closed: flo
 
 _WINDOW = np.hanning(SAMPLES_PER_FRAME).astype(np.float32)
 _FREQS = np.fft.rfftfreq(SAMPLES_PER_FRAME, 1.0 / SAMPLE_RATE)
-_VOICE_BAND = (_FREQS >= 200) & (_FREQS <= 4000)
+
+
+def _band(lo: float, hi: float) -> np.ndarray:
+    return (_FREQS >= lo) & (_FREQS < hi)
+
+
+_LOW, _MID, _HIGH = _band(80, 400), _band(400, 2500), _band(3000, 8000)
+_F1_BAND, _F2_BAND = _band(250, 1000), _band(800, 3000)
 _GATE_DB = -55.0  # quieter than this is silence, whatever the recent level
 _RANGE_DB = 26.0  # loudness span below the recent peak that maps to jaw 0..1
 _LID_TINT = np.array([0.95, 0.91, 0.89], np.float32)  # lids: a little darker and pinker
 _BLINK = (0.5, 1.0, 0.75, 0.35, 0.1)  # per frame: ~200 ms, closing faster than opening
+_DOUBLE_BLINK = 0.2  # chance that a blink comes with a second one right after it
+_NOD_HZ, _NOD_DAMPING = 1.1, 0.55  # a nod: a damped swing of the head, pitch only
+
+
+@dataclass(frozen=True)
+class _Sound:
+    """What the mouth needs to know about 40 ms of speech (all 0 for silence)."""
+
+    level: float = 0.0  # loudness 0..1 relative to the recent peak
+    open: float = 0.0  # vowel height from F1: 0 close (ee, oo) .. 1 open (ah)
+    spread: float = 0.0  # front vowels and sibilants (F2 high: ee, eh, s)
+    round: float = 0.0  # back rounded vowels (F2 and F1 low: oo, oh)
+    closure: float = 0.0  # a murmur behind closed lips (m, b, the voice bar of a stop)
+    hiss: float = 0.0  # frication: the teeth nearly together (s, sh, f)
+
+
+def _centroid(power: np.ndarray, band: np.ndarray) -> float:
+    p = power[band]
+    return float(np.dot(p, _FREQS[band]) / max(float(p.sum()), 1e-20))
 
 
 class _Drift:
@@ -618,9 +731,34 @@ class _Drift:
         return float(np.sum(self.amp * np.sin(2 * math.pi * self.freq * t + self.phase)))
 
 
+class _Nod:
+    """A damped spring on head pitch: a kick makes one natural nod (down, back, settle)."""
+
+    def __init__(self) -> None:
+        self.angle = self.speed = 0.0
+        self._w = 2 * math.pi * _NOD_HZ
+
+    def kick(self, degrees: float) -> None:
+        """Start a nod peaking at about ``degrees`` (positive: down)."""
+        self.speed += degrees * self._w * 1.6
+
+    def step(self, dt: float) -> float:
+        accel = -self._w * self._w * self.angle - 2 * _NOD_DAMPING * self._w * self.speed
+        self.speed += accel * dt  # semi-implicit Euler: stable at 25 fps for this spring
+        self.angle += self.speed * dt
+        return self.angle
+
+
 class WarpStream(EngineStream):
     """One session: speech features -> smoothed controls -> frames. Everything random comes
-    from one seeded generator, so the same seed and input give the same frames."""
+    from one seeded generator, so the same seed and input give the same frames.
+
+    Mouth shapes come from the sound itself, 40 ms at a time (no look-ahead, so streaming
+    and offline rendering animate the same): loudness opens the jaw, the first formant
+    scales it (open vowels wide, close ones narrow), the second sets spread against rounded
+    lips, a low murmur with no formants above it (m, b) or silence closes the lips, and
+    frication keeps the teeth together. Attack is fast, release a little slower, closures
+    fastest, as lips move in speech."""
 
     frames_per_step = 1
 
@@ -629,34 +767,40 @@ class WarpStream(EngineStream):
         self._rng = np.random.default_rng(seed)
         self._frame = 0
         self._yaw, self._pitch, self._roll = (_Drift(self._rng, a) for a in (2.0, 1.2, 0.8))
+        self._nod = _Nod()
+        self._next_nod = self._frame + int(self._rng.uniform(4.0, 10.0) * FPS)
+        self._last_kick = -FPS
         self._breath_phase = float(self._rng.uniform(0.0, 2 * math.pi))
         self._next_blink = self._blink_gap()
         self._blink_at = -len(_BLINK)
         self.controls = Controls()  #: the controls of the last frame drawn (for tests, stats)
+        self.sound = _Sound()  #: the analysis of the last frame's speech (for tests)
         self._reset_speech()
+        self._calm_until = 0
         self._jaw = self._spread = self._round = self._brow = self._talk = 0.0
 
     def _reset_speech(self) -> None:
         self._peak_db = -20.0  # recent loudness peak: makes the mapping level-independent
         self._slow_level = 0.0
-        self._centroid = 1300.0  # the voice's typical spectral centroid, Hz
+        self._f2 = 1500.0  # this voice's typical F2 region centroid, Hz
 
     def _blink_gap(self) -> int:
         return self._frame + int(self._rng.uniform(2.0, 6.0) * FPS)
 
     def reset(self) -> None:
-        """Barge-in: forget the speech context; the mouth closes with its normal release
-        (a few frames), so there is no jump."""
+        """Barge-in: forget the speech context; the mouth closes at the gentle release rate
+        (not the snap of a closure in speech: nothing was said to close it), so there is no
+        jump."""
         self._reset_speech()
+        self._calm_until = self._frame + FPS // 2
 
     def step(self, speech: np.ndarray | None) -> np.ndarray:
         self.controls = self._advance(speech)
         return render(self._rig, self.controls)[None]
 
-    def _analyse(self, speech: np.ndarray | None) -> tuple[float, float]:
-        """(loudness 0..1 relative to the recent peak, spectral tilt -1 round .. 1 spread)."""
+    def _analyse(self, speech: np.ndarray | None) -> _Sound:
         if speech is None:
-            return 0.0, 0.0
+            return _Sound()
         x = np.asarray(speech, dtype=np.float32).reshape(-1)
         if x.size != SAMPLES_PER_FRAME:
             raise ValueError(f"expected {SAMPLES_PER_FRAME} samples, got {x.size}")
@@ -664,38 +808,80 @@ class WarpStream(EngineStream):
         db = 20.0 * math.log10(rms + 1e-9)
         self._peak_db = max(db, self._peak_db - 0.06, -45.0)  # ~1.5 dB/s release
         if db < _GATE_DB:
-            return 0.0, 0.0
+            return _Sound()
         level = float(np.clip((db - (self._peak_db - _RANGE_DB)) / (_RANGE_DB - 3.0), 0.0, 1.0))
         power = np.abs(np.fft.rfft(x * _WINDOW)) ** 2
-        band = power[_VOICE_BAND]
-        centroid = float(np.dot(band, _FREQS[_VOICE_BAND]) / max(float(band.sum()), 1e-12))
-        # front vowels (ee, eh) put energy high (F2 ~2 kHz), rounded ones (oo, oh) low;
-        # measured against this voice's own average, so any voice uses both shapes
-        if level > 0.3:
-            self._centroid += (centroid - self._centroid) * 0.05
-        return level, float(np.clip((centroid - self._centroid) / 500.0, -1.0, 1.0))
+        low, mid, high = (float(power[b].sum()) + 1e-20 for b in (_LOW, _MID, _HIGH))
+        low_mid_db = 10.0 * math.log10(low / mid)
+        high_db = 10.0 * math.log10(high / (low + mid))
+        # formants measured against this voice's own F2 average, so a higher (or lower)
+        # voice uses the whole range of shapes too
+        f2 = _centroid(power, _F2_BAND)
+        if level > 0.3 and high_db < -5.0:  # voiced, not a hiss
+            self._f2 += (f2 - self._f2) * 0.03
+        scale = float(np.clip(1500.0 / self._f2, 0.75, 1.3))
+        f1, f2 = _centroid(power, _F1_BAND) * scale, f2 * scale
+        vowel_open = float(np.clip((f1 - 320.0) / 330.0, 0.0, 1.0))
+        return _Sound(
+            level=level,
+            open=vowel_open,
+            spread=float(np.clip((f2 - 1750.0) / 600.0, 0.0, 1.0)),
+            round=float(
+                np.clip((2000.0 - f2) / 700.0, 0.0, 1.0) * np.clip((650.0 - f1) / 250.0, 0, 1)
+            ),
+            # lips shut on a voiced murmur: strong low band, nothing above it
+            closure=float(
+                np.clip((low_mid_db - 3.0) / 6.0, 0.0, 1.0) * np.clip((-high_db - 18.0) / 5, 0, 1)
+            ),
+            hiss=float(np.clip((high_db + 5.0) / 10.0, 0.0, 1.0)),
+        )
 
     def _advance(self, speech: np.ndarray | None) -> Controls:
-        level, tilt = self._analyse(speech)
-        jaw_target = 0.8 * level**1.6  # expand: vowels open, consonants nearly close
-        self._jaw += (jaw_target - self._jaw) * (0.7 if jaw_target > self._jaw else 0.5)
-        voiced = min(1.0, 2.0 * level)
-        spread_t, round_t = max(tilt, 0.0) * voiced, max(-tilt, 0.0) * voiced
+        sound = self.sound = self._analyse(speech)
+        # loudness leads (it is what a viewer checks the lips against); the vowel only
+        # scales it, and closures and hisses close it
+        shape = (0.65 + 0.35 * sound.open) * (1.0 - sound.closure) * (1.0 - 0.6 * sound.hiss)
+        jaw_target = 0.8 * sound.level**1.6 * shape  # expand: vowels open, consonants close
+        if jaw_target >= self._jaw:
+            rate = 0.7
+        elif jaw_target < 0.4 * self._jaw and self._frame >= self._calm_until:
+            rate = 0.7  # a closure in speech (stop, m, pause): the lips meet fast
+        else:
+            rate = 0.5
+        self._jaw += (jaw_target - self._jaw) * rate
+        voiced = min(1.0, 2.0 * sound.level) * (1.0 - sound.closure)
+        spread_t = max(sound.spread, 0.6 * sound.hiss) * voiced
+        round_t = sound.round * voiced
         self._spread += (spread_t - self._spread) * 0.35
         self._round += (round_t - self._round) * 0.35
-        # emphasis: a loudness onset well above the recent average lifts the brows
-        onset = level - self._slow_level
-        self._slow_level += (level - self._slow_level) * 0.08
+        # emphasis: a loudness onset well above the recent average lifts the brows and
+        # nods the head
+        onset = sound.level - self._slow_level
+        self._slow_level += (sound.level - self._slow_level) * 0.08
         brow_t = float(np.clip((onset - 0.3) * 2.0, 0.0, 0.8))
         self._brow += (brow_t - self._brow) * (0.3 if brow_t > self._brow else 0.06)
-        self._talk += (level - self._talk) * 0.05
+        self._talk += (sound.level - self._talk) * 0.05
+        if brow_t > 0.3 and self._frame - self._last_kick > 0.8 * FPS:
+            self._nod.kick(0.8 + 1.2 * brow_t)
+            self._last_kick = self._frame
+        if self._frame >= self._next_nod:  # now and then a small nod of its own
+            if self._talk < 0.2:
+                self._nod.kick(float(self._rng.uniform(0.4, 0.9)))
+                self._last_kick = self._frame
+            self._next_nod = self._frame + int(self._rng.uniform(4.0, 10.0) * FPS)
+        nod = self._nod.step(1.0 / FPS)
 
         t = self._frame / FPS
         if self._frame >= self._next_blink:
-            self._blink_at, self._next_blink = self._frame, self._blink_gap()
+            self._blink_at = self._frame
+            if self._rng.uniform() < _DOUBLE_BLINK:
+                self._next_blink = self._frame + int(self._rng.integers(8, 12))
+            else:
+                self._next_blink = self._blink_gap()
         k = self._frame - self._blink_at
         blink = _BLINK[k] if 0 <= k < len(_BLINK) else 0.0
         self._frame += 1
+        breath = math.sin(2 * math.pi * 0.25 * t + self._breath_phase)
         return Controls(
             jaw=self._jaw,
             spread=self._spread,
@@ -703,17 +889,105 @@ class WarpStream(EngineStream):
             blink=blink,
             brow=self._brow,
             yaw=self._yaw(t) * (1.0 + 0.5 * self._talk),
-            pitch=self._pitch(t) + 0.8 * self._talk - 1.0 * self._brow,
+            pitch=self._pitch(t) + 0.8 * self._talk - 1.0 * self._brow + nod + 0.15 * breath,
             roll=self._roll(t),
-            breath=0.6 * math.sin(2 * math.pi * 0.25 * t + self._breath_phase),
+            breath=0.6 * breath,
         )
+
+
+# --- rig cache ----------------------------------------------------------------------------------
+
+#: bump when the fields or the painting data change, so old cache entries are not used
+WARP_RIG_VERSION = 2
+
+
+def rig_cache_path(image: np.ndarray, landmarks: np.ndarray) -> Path:
+    """<cache_dir>/warp/<key>.npz, keyed by the photo's pixels, its landmarks and the rig
+    version: the same photo is prepared once, whatever file or upload it came from."""
+    h = hashlib.sha256(f"warp-rig-v{WARP_RIG_VERSION}:{fr.image_key(image)}:".encode())
+    h.update(np.ascontiguousarray(landmarks, dtype=np.float32).data)
+    return fr.cache_dir() / "warp" / f"{h.hexdigest()}.npz"
+
+
+def cached_rig(image: np.ndarray, landmarks: np.ndarray, *, use_cache: bool = True) -> WarpRig:
+    """``build_rig`` through the disk cache (a torn or foreign file is rebuilt)."""
+    path = rig_cache_path(image, landmarks) if use_cache else None
+    if path is not None and path.is_file():
+        try:
+            with np.load(path) as z:
+                return _rig_from_arrays(image, dict(z))
+        except Exception as exc:  # noqa: BLE001 - any unreadable entry is rebuilt
+            log.warning("rebuilding unreadable warp rig cache %s: %s", path, exc)
+    rig = build_rig(image, landmarks)
+    if path is not None:
+        _save_atomic(path, _rig_to_arrays(rig))
+    return rig
+
+
+def _rig_to_arrays(rig: WarpRig) -> dict[str, np.ndarray]:
+    out: dict[str, np.ndarray] = {"roi": np.array(rig.roi), "track": rig.track,
+                                  "grain": rig.grain.astype(np.float16)}
+    for kind, fields in (("sharp", rig.sharp), ("smooth", rig.smooth)):
+        for name, f in fields.items():
+            out[f"{kind}.{name}.data"] = f.data
+            out[f"{kind}.{name}.track"] = f.track
+            out[f"{kind}.{name}.box"] = np.array(f.box)
+    for name in _RIG_VALUES:
+        out[name] = np.asarray(getattr(rig, name))
+    return out
+
+
+_RIG_VALUES = ("teeth_height", "cavity_rgb", "mucosa_rgb", "tongue_rgb", "teeth_rgb", "jaw_max")
+
+
+def _rig_from_arrays(image: np.ndarray, z: dict[str, np.ndarray]) -> WarpRig:
+    fields: dict[str, dict[str, _Field]] = {"sharp": {}, "smooth": {}}
+    for key in z:
+        if key.endswith(".data"):
+            kind, name, _ = key.split(".")
+            box = tuple(int(v) for v in z[f"{kind}.{name}.box"])
+            fields[kind][name] = _Field(z[key], z[f"{kind}.{name}.track"], box)  # type: ignore[arg-type]
+    x0, y0, x1, y1 = (int(v) for v in z["roi"])
+    grid = np.stack(np.meshgrid(np.arange(x0, x1), np.arange(y0, y1)), -1).astype(np.float32)
+    values = {name: z[name] for name in _RIG_VALUES}
+    rig = WarpRig(
+        image=image.copy(),
+        roi=(x0, y0, x1, y1),
+        grid=grid,
+        sharp=fields["sharp"],
+        smooth=fields["smooth"],
+        track=z["track"].astype(np.float32),
+        grain=z["grain"].astype(np.float32),
+        teeth_height=float(values.pop("teeth_height")),
+        jaw_max=float(values.pop("jaw_max")),
+        **{k: v.astype(np.float32) for k, v in values.items()},
+    )
+    _freeze(rig)
+    return rig
+
+
+def _save_atomic(path: Path, arrays: dict[str, np.ndarray]) -> None:
+    """Write via a temp file and rename: concurrent preparers never see half a file; a
+    read-only cache only costs the rebuild next time."""
+    tmp = None
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, suffix=".tmp")
+        with os.fdopen(fd, "wb") as f:
+            np.savez(f, **arrays)  # type: ignore[arg-type]
+        os.replace(tmp, path)
+    except OSError as exc:
+        log.warning("cannot write warp rig cache %s: %s", path, exc)
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
 
 
 # --- engine ------------------------------------------------------------------------------------
 
 
 class WarpEngine(Engine):
-    """The CPU animator. ``prepare`` costs ~0.3 s per photo; a frame a few milliseconds."""
+    """The CPU animator. ``prepare`` costs ~0.4 s per new photo (a few ms when its rig is in
+    the disk cache); a frame a few milliseconds."""
 
     name = "warp"
     worker_threads = 2
@@ -729,7 +1003,7 @@ class WarpEngine(Engine):
 
             image = reference_image(image)
         face = fr.get_rigger().rig(image)
-        rig = build_rig(image, face.landmarks)
+        rig = cached_rig(image, face.landmarks)
         return Avatar(
             id=avatar_id,
             image=rig.image,
