@@ -7,6 +7,9 @@ import logging
 import sys
 
 from .config import IceServer, ServerConfig
+from .engines.flashhead_config import add_cli_options as add_flashhead_options
+from .engines.flashhead_config import engine_options
+from .turn import add_cli_options as add_turn_options
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -25,7 +28,15 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="only offer/accept ICE host candidates on these addresses "
                         "(e.g. 127.0.0.1 for loopback-only tests)")
     p.add_argument("--engine-threads", type=int, help="engine worker threads")
+    add_flashhead_options(p)
+    add_turn_options(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+
+
+def _add_doctor(sub: argparse._SubParsersAction) -> None:
+    from .doctor import add_parser
+
+    add_parser(sub)
 
 
 def serve_config(args: argparse.Namespace) -> ServerConfig:
@@ -46,6 +57,10 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         ice_host_addresses=hosts,
         max_sessions=args.max_sessions,
         engine_threads=args.engine_threads,
+        engine_options=engine_options(args),
+        turn_urls=args.turn_url,
+        turn_secret=args.turn_secret,
+        turn_ttl_s=args.turn_ttl,
     )
 
 
@@ -53,6 +68,7 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(prog="avatar-stream", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
     _add_serve(sub)
+    _add_doctor(sub)
     from .bench.cli import add_parser as add_bench
 
     add_bench(sub)
@@ -68,6 +84,10 @@ def main(argv: list[str] | None = None) -> None:
         from .server import run
 
         run(serve_config(args))
+    elif args.command == "doctor":
+        from .doctor import main as doctor_main
+
+        raise SystemExit(doctor_main(args))
     elif args.command == "bench":
         from .bench.cli import main as bench_main
 

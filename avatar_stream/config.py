@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Any
 
 
 @dataclass(frozen=True)
@@ -59,3 +60,8 @@ class ServerConfig:
     tts_timeout_s: float = 30.0
     tts_max_chars: int = 2000
     tts_concurrency: int = 2  # syntheses at once, server-wide
+    # -- engine options, TURN, replicas (deployment) -------------------------------
+    engine_options: dict[str, Any] = field(default_factory=dict)  # create_engine(engine, **...)
+    turn_urls: list[str] = field(default_factory=list)  # handed out with fresh credentials
+    turn_secret: str | None = None  # coturn's static-auth-secret (TURN REST API scheme)
+    turn_ttl_s: float = 6 * 3600.0

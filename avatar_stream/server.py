@@ -9,12 +9,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import json
 import logging
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -33,6 +34,7 @@ from .auth import (
     retry_after,
 )
 from .avatar import reference_image
+from .capacity import CapacityCollector, admission_limit, capacity_info
 from .config import ServerConfig
 from .engines import create_engine
 from .engines.base import Avatar, AvatarError, Engine
@@ -42,6 +44,7 @@ from .session import OfferError, Session
 from .speech import SpeechError, SpeechProtocol, check_utterance_id, decode_body
 from .synchronizer import Event
 from .tts import TTS, TTSError, create_tts
+from .turn import session_ice_servers
 from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
@@ -70,6 +73,9 @@ class ServerState:
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: list(self.sessions.values()))
+        self.metrics.registry.register(
+            CapacityCollector(lambda: self.engine, lambda: self.max_sessions)
+        )
         self.guard = Guard(self.config.api_key, TokenIssuer(self.config.token_secret))
         self.creations = RateLimiter(self.config.sessions_per_ip_per_minute)
         self.tts_slots = asyncio.Semaphore(max(1, self.config.tts_concurrency))
@@ -82,8 +88,13 @@ class ServerState:
         return ttl
 
     @property
+    def max_sessions(self) -> int:
+        """--max-sessions, capped by what a GPU engine measured it serves in real time."""
+        return admission_limit(self.config.max_sessions, self.engine)
+
+    @property
     def has_capacity(self) -> bool:
-        return len(self.sessions) < self.config.max_sessions
+        return len(self.sessions) < self.max_sessions
 
 
 STATE = web.AppKey("state", ServerState)
@@ -97,7 +108,9 @@ async def load_state(config: ServerConfig) -> ServerState:
     """Load the engine and prepare the avatar (raises AvatarError for an unusable photo)."""
     restrict_host_addresses(config.ice_host_addresses)
     loop = asyncio.get_running_loop()
-    engine = await loop.run_in_executor(None, create_engine, config.engine)
+    engine = await loop.run_in_executor(
+        None, functools.partial(create_engine, config.engine, **config.engine_options)
+    )
     image = await loop.run_in_executor(None, reference_image, config.avatar)
     avatar = await loop.run_in_executor(None, engine.prepare, image, DEFAULT_AVATAR)
     await loop.run_in_executor(None, engine.warm_up)
@@ -269,8 +282,7 @@ async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = {
         "engine": state.engine.name,
-        "sessions": len(state.sessions),
-        "max_sessions": state.config.max_sessions,
+        **capacity_info(state.engine, state.max_sessions, len(state.sessions)),
     }
     if not state.has_capacity:
         return web.json_response({"status": "full", **body}, status=503)
@@ -286,7 +298,7 @@ async def client_config(request: web.Request) -> web.Response:
     state = request.app[STATE]
     _require_server(request)  # it may hold TURN credentials
     return web.json_response(
-        {"ice_servers": [s.to_json() for s in state.config.ice_servers]}
+        {"ice_servers": [s.to_json() for s in session_ice_servers(state.config)]}
     )
 
 
@@ -347,10 +359,12 @@ async def create_session(request: web.Request) -> web.Response:
     if not state.has_capacity:
         state.metrics.refused.inc()
         return json_error(
-            503, f"server full ({state.config.max_sessions} sessions)", **{"Retry-After": "5"}
+            503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
         )
+    ice_servers = session_ice_servers(state.config)  # fresh TURN credentials
     session = Session(
-        state.engine, avatar, state.worker, state.config, on_closed=_forget(state),
+        state.engine, avatar, state.worker, replace(state.config, ice_servers=ice_servers),
+        on_closed=_forget(state),
         metrics=state.metrics,
     )
     state.sessions[session.id] = session
@@ -373,6 +387,7 @@ async def create_session(request: web.Request) -> web.Response:
             "type": "answer",
             "sdp": answer,
             "avatar": avatar.info(),
+            "ice_servers": [s.to_json() for s in ice_servers],
             "token": token,
             "token_expires_at": expires,
         },
