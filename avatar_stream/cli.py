@@ -9,6 +9,7 @@ import sys
 from .config import IceServer, ServerConfig
 from .engines.flashhead_config import add_cli_options as add_flashhead_options
 from .engines.flashhead_config import engine_options
+from .routing import add_cli_options as add_replica_options
 from .turn import add_cli_options as add_turn_options
 
 
@@ -30,6 +31,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-threads", type=int, help="engine worker threads")
     add_flashhead_options(p)
     add_turn_options(p)
+    add_replica_options(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -61,6 +63,8 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         turn_urls=args.turn_url,
         turn_secret=args.turn_secret,
         turn_ttl_s=args.turn_ttl,
+        advertise=args.advertise,
+        peers=args.peers,
     )
 
 

@@ -65,3 +65,5 @@ class ServerConfig:
     turn_urls: list[str] = field(default_factory=list)  # handed out with fresh credentials
     turn_secret: str | None = None  # coturn's static-auth-secret (TURN REST API scheme)
     turn_ttl_s: float = 6 * 3600.0
+    advertise: str | None = None  # "ADDR:PORT" peers reach this replica at; ids carry it
+    peers: str | None = None  # DNS name of every replica: forward other replicas' sessions

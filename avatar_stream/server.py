@@ -40,6 +40,7 @@ from .engines import create_engine
 from .engines.base import Avatar, AvatarError, Engine
 from .ice import restrict_host_addresses
 from .metrics import CONTENT_TYPE, Metrics
+from .routing import Forwarder, owned_id
 from .session import OfferError, Session
 from .speech import SpeechError, SpeechProtocol, check_utterance_id, decode_body
 from .synchronizer import Event
@@ -160,6 +161,10 @@ def create_app(state: ServerState) -> web.Application:
     middlewares: list[Any] = [count_errors]
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
+    # calls for another replica's session go to that replica (routing.py)
+    forwarder = Forwarder.create(config, lambda sid: sid in state.sessions or sid in state.ended)
+    if forwarder:
+        middlewares.insert(len(middlewares) - 1, forwarder.middleware)
     # bodies are limited per route (read_body); this is only the outer bound
     app = web.Application(
         client_max_size=max(MAX_OFFER_BYTES, config.max_audio_bytes), middlewares=middlewares
@@ -186,6 +191,8 @@ def create_app(state: ServerState) -> web.Application:
     )
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_stop_engine)
+    if forwarder:
+        app.on_cleanup.append(forwarder.close)
     return app
 
 
@@ -367,6 +374,7 @@ async def create_session(request: web.Request) -> web.Response:
         on_closed=_forget(state),
         metrics=state.metrics,
     )
+    session.id = owned_id(state.config, session.id)  # names this replica (routing.py)
     state.sessions[session.id] = session
     try:
         answer = await session.accept(sdp)
