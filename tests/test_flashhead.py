@@ -241,3 +241,29 @@ def test_missing_weights_are_named(tmp_path) -> None:
     assert any("model.safetensors" in m for m in missing)
     with pytest.raises(FileNotFoundError, match="VAE_LTX"):
         create_engine("flashhead", checkpoint_dir=str(tmp_path), wav2vec_dir=str(tmp_path))
+
+
+def test_doctor_says_what_it_could_not_check(tmp_path) -> None:
+    from avatar_stream.doctor import doctor
+    from avatar_stream.engines.flashhead_config import FlashHeadOptions
+
+    report = doctor(FlashHeadOptions(checkpoint_dir=str(tmp_path), wav2vec_dir=None))
+    text = report.render()
+    assert "torch" in text and "Not checked" in text and "Problems" in text
+    assert any("Model_Lite" in p for p in report.problems)  # names what is missing
+    assert any("wav2vec" in p for p in report.problems)
+    if not torch.cuda.is_available():
+        assert any("GPU" in u for u in report.unchecked) and not report.steps
+
+
+def test_doctor_times_every_schedule_with_the_stand_in() -> None:
+    from avatar_stream.doctor import doctor
+    from avatar_stream.engines.flashhead_config import FlashHeadOptions
+
+    report = doctor(FlashHeadOptions(checkpoint_dir="standin", device="cpu"), steps=1)
+    assert not report.problems, report.render()
+    assert [s["schedule"].split()[0] for s in report.steps] == \
+        ["throughput", "low-latency", "low-latency"]
+    for s in report.steps:
+        assert s["step_s"] > 0 and s["sessions"] == int(s["fps"] // FPS)
+    assert "stand-in" in report.render()

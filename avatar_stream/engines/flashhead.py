@@ -321,6 +321,7 @@ class FlashHeadEngine(Engine):
         self.step_s: float | None = None
         self._lock = threading.RLock()
         self._people: dict[str, _Person] = {}
+        self._next_person = 0
         self._images = tempfile.TemporaryDirectory(prefix="avatar-stream-flashhead-")
 
     # -- avatars ---------------------------------------------------------------------
@@ -339,11 +340,14 @@ class FlashHeadEngine(Engine):
             image = reference_image(image)
         face = get_rigger().rig(image)
         with self._lock:
-            person = f"avatar{len(self._people)}"  # upstream names people by file stem
+            person = f"avatar{self._next_person}"  # upstream names people by file stem
+            self._next_person += 1
             path = Path(self._images.name) / f"{person}.png"
             cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             self._add_person(path)
-            idle = self._make_idle_loop(person)
+        # chunk by chunk, so sessions' steps interleave while an avatar is added at run time
+        idle = self._make_idle_loop(person)
+        with self._lock:
             self._people[person] = _Person(person, idle)
         return Avatar(
             id=avatar_id,
