@@ -8,6 +8,8 @@ gives a generative engine the head-and-shoulders portrait it expects.
 from __future__ import annotations
 
 import functools
+import io
+import warnings
 from pathlib import Path
 
 import cv2
@@ -19,10 +21,13 @@ from avatar_stream.facerig import (
     RIGHT_EYE_CORNERS,
     FaceDetection,
     FaceRig,
+    PhotoError,
     get_rigger,
 )
 
 MIN_IMAGE_SIZE = 128
+#: decoding a bigger photo costs too much memory (a small file can hold a huge image)
+MAX_IMAGE_PIXELS = 50_000_000
 FACE_WIDTH_FRACTION = 0.45  # face (landmark box) width / crop width
 EYE_LINE_FRACTION = 0.42  # eye line height / crop height, from the top
 DEFAULT_AVATAR_SAMPLE = "grace_hopper.jpg"  # public domain, ships with matplotlib
@@ -66,18 +71,42 @@ def load_image(source: ImageSource) -> np.ndarray:
             raise AvatarError(f"cannot read the image file {source}: {exc.strerror}") from exc
     else:
         data = bytes(source)
+    size = image_size(data)
+    if size is not None and size[0] * size[1] > MAX_IMAGE_PIXELS:
+        raise PhotoError(
+            f"image too large ({size[0]}x{size[1]}; at most "
+            f"{MAX_IMAGE_PIXELS / 1e6:.0f} megapixels)",
+            "too_large",
+        )
     buf = np.frombuffer(data, dtype=np.uint8)
     flags = cv2.IMREAD_UNCHANGED if _may_have_alpha(data) else cv2.IMREAD_COLOR
     decoded = cv2.imdecode(buf, flags) if buf.size else None
     if decoded is None or decoded.size == 0:
-        raise AvatarError("not an image")
+        raise PhotoError("not an image", "not_image")
     image = _to_rgb8(decoded)
     h, w = image.shape[:2]
     if h < MIN_IMAGE_SIZE or w < MIN_IMAGE_SIZE:
-        raise AvatarError(
-            f"image too small ({w}x{h}; at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} needed)"
+        raise PhotoError(
+            f"image too small ({w}x{h}; at least {MIN_IMAGE_SIZE}x{MIN_IMAGE_SIZE} needed)",
+            "too_small",
         )
     return image
+
+
+def image_size(data: bytes) -> tuple[int, int] | None:
+    """(width, height) from the file's header alone, without decoding the pixels; None if
+    the header is not one Pillow knows (the decoder then has the last word)."""
+    from PIL import Image  # Pillow comes with matplotlib
+
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)
+            with Image.open(io.BytesIO(data)) as img:
+                return int(img.width), int(img.height)
+    except Image.DecompressionBombError as exc:
+        raise PhotoError(f"image too large ({exc})", "too_large") from exc
+    except Exception:  # noqa: BLE001 - not an image Pillow knows: cv2 decides below
+        return None
 
 
 def _face_frame(face: FaceRig | FaceDetection) -> tuple[float, float, float]:

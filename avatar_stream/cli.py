@@ -20,6 +20,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine", default="warp", help="animation engine (default warp, CPU)")
     p.add_argument("--avatar", metavar="IMAGE", help="reference photo with one clear face "
                    "(default: a bundled public-domain portrait)")
+    p.add_argument("--avatars", metavar="DIR", help="also load every portrait in this folder "
+                   "as an avatar (id = file name); sessions pick one by id")
     p.add_argument("--max-sessions", type=int, default=8, help="sessions at once; more get 503")
     p.add_argument("--ice-server", action="append", default=[], metavar="URL",
                    help="STUN/TURN URL handed to the peers (repeatable), e.g. turn:host:3478")
@@ -55,6 +57,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         engine=args.engine,
         avatar=args.avatar,
+        avatars_dir=args.avatars,
         ice_servers=ice,
         ice_host_addresses=hosts,
         max_sessions=args.max_sessions,
@@ -76,6 +79,10 @@ def main(argv: list[str] | None = None) -> None:
     from .bench.cli import add_parser as add_bench
 
     add_bench(sub)
+    from . import avatars, render  # `render` and `avatars rank` subcommands
+
+    render.add_parser(sub)
+    avatars.add_parser(sub)
     args = parser.parse_args(argv)
     logging.basicConfig(
         level=logging.DEBUG if getattr(args, "verbose", False) else logging.INFO,
@@ -92,6 +99,8 @@ def main(argv: list[str] | None = None) -> None:
         from .doctor import main as doctor_main
 
         raise SystemExit(doctor_main(args))
+    elif args.command in ("render", "avatars"):
+        raise SystemExit((render if args.command == "render" else avatars).main(args))
     elif args.command == "bench":
         from .bench.cli import main as bench_main
 

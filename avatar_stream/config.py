@@ -29,6 +29,7 @@ class ServerConfig:
     port: int = 8080
     engine: str = "warp"
     avatar: str | None = None  # path of the reference photo; None = the bundled default
+    avatars_dir: str | None = None  # --avatars DIR: every usable portrait in it is an avatar
     ice_servers: list[IceServer] = field(default_factory=list)
     # restrict the server's ICE host candidates (and accepted remote ones) to these
     # addresses; None = every interface

@@ -56,6 +56,10 @@ ROI_SCALE = 1.5  # crop side / face size, as MediaPipe's face mesh
 MIN_FACE_WIDTH = 80  # px, landmark face box, for a usable reference photo
 #: faces narrower than this fraction of the largest are background people, not a second subject
 BACKGROUND_FACE_FRACTION = 0.4
+#: a reference photo's face may turn at most this far from the camera (degrees): beyond it
+#: the far side of the face is hidden and the 2-D fields animate a flat, skewed head
+MAX_YAW_DEG = 35.0
+MAX_PITCH_DEG = 30.0
 #: bump when the rig computation changes, so old cache entries are not used
 RIG_CACHE_VERSION = 1
 
@@ -106,6 +110,15 @@ NOSE_BRIDGE = 168
 
 
 # --- data ------------------------------------------------------------------------------------
+
+
+class PhotoError(AvatarError):
+    """A photo that cannot be a reference, with a machine-readable ``reason``: not_image,
+    too_small, too_large, no_face, several_faces, face_too_small, turned_away."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason
 
 
 @dataclass(frozen=True, eq=False)
@@ -192,6 +205,21 @@ def _head_pose(pts: np.ndarray) -> tuple[float, float, float]:
     yaw = math.degrees(math.asin(float(np.clip(-z_axis[0], -1.0, 1.0))))
     pitch = math.degrees(math.atan2(float(-y_axis[2]), float(y_axis[1])))
     return yaw, pitch, roll
+
+
+def check_pose(landmarks: np.ndarray) -> None:
+    """PhotoError (turned_away) if the face turns too far from the camera to animate."""
+    yaw, pitch, _ = _head_pose(np.asarray(landmarks, dtype=np.float64))
+    if abs(yaw) / MAX_YAW_DEG >= abs(pitch) / MAX_PITCH_DEG:
+        turn, limit, way = abs(yaw), MAX_YAW_DEG, "sideways"
+    else:
+        turn, limit, way = abs(pitch), MAX_PITCH_DEG, "up" if pitch > 0 else "down"
+    if turn > limit:
+        raise PhotoError(
+            f"the face is turned too far away from the camera ({turn:.0f} degrees {way}; "
+            f"at most {limit:.0f}): use a photo looking into the camera",
+            "turned_away",
+        )
 
 
 def _clip_box(x0: float, y0: float, x1: float, y1: float, shape: tuple[int, ...]) -> Box:
@@ -590,19 +618,22 @@ class FaceRigger:
         rigs = [self.landmarks(image, face) for face in self.detect(image)]
         rigs = [r for r in rigs if r.score >= PRESENCE_THRESHOLD]
         if not rigs:
-            raise AvatarError("no face found in the photo")
+            raise PhotoError("no face found in the photo", "no_face")
         widest = max(_box_width(r.face_box) for r in rigs)
         subjects = [r for r in rigs if _box_width(r.face_box) >= BACKGROUND_FACE_FRACTION * widest]
         if len(subjects) > 1:
-            raise AvatarError(
-                f"{len(subjects)} faces found in the photo; use a photo with one person"
+            raise PhotoError(
+                f"{len(subjects)} faces found in the photo; use a photo with one person",
+                "several_faces",
             )
         rig = subjects[0]
         width = rig.face_box[2] - rig.face_box[0]
         if width < MIN_FACE_WIDTH:
-            raise AvatarError(
-                f"the face is too small ({width} px wide; at least {MIN_FACE_WIDTH} px needed)"
+            raise PhotoError(
+                f"the face is too small ({width} px wide; at least {MIN_FACE_WIDTH} px needed)",
+                "face_too_small",
             )
+        check_pose(rig.landmarks)
         if path is not None:
             _save_rig(path, rig)
         return rig

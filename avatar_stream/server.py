@@ -189,6 +189,10 @@ def create_app(state: ServerState) -> web.Application:
             web.get("/v1/sessions/{id}/ws", websocket),
         ]
     )
+    # avatars (upload, list, preview, delete) and offline animation: avatars_api.py
+    from .avatars_api import add_avatar_api
+
+    add_avatar_api(app)
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_stop_engine)
     if forwarder:

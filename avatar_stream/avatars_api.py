@@ -1,0 +1,316 @@
+"""HTTP routes for avatars and offline animation.
+
+- ``POST /v1/avatars``: a photo (multipart field ``image`` and optional ``id``, or an
+  ``image/*`` body with ``?id=``) -> 201 and its info (200 if that photo is already there)
+- ``GET /v1/avatars``: ``{"avatars": [info, ...]}``
+- ``GET /v1/avatars/{id}``: info (size, face box, mouth box, source, quality)
+- ``GET /v1/avatars/{id}/preview.png``: the 512x512 reference the engine animates
+- ``DELETE /v1/avatars/{id}``: 204 (sessions using it keep it until they end)
+- ``POST /v1/animate``: multipart ``audio`` + ``image`` (or ``avatar`` id), optional
+  ``format`` (webm, mp4) -> the clip with its sound
+
+A photo that cannot be animated gets a 4xx whose JSON names the reason (``{"error":
+message, "reason": code}``): 413 too_large, 415 not_image, 422 too_small / no_face /
+several_faces / face_too_small / turned_away. Preparing (~0.4 s) and rendering run on their
+own threads, one job at a time each, never on the event loop and never on the engine
+worker's threads, so live sessions keep their frame rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+import json
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import BodyPartReader, web
+
+from .auth import AuthError, Credentials
+from .avatars import DEFAULT_ID, AvatarConflict, AvatarStore, photos_in
+from .engines.base import Avatar, AvatarError
+from .facerig import PhotoError
+from .render import FORMATS, SpeechError, load_speech, render_clip
+from .server import STATE
+
+T = TypeVar("T")
+
+AVATAR_STORE = web.AppKey("avatar_store", AvatarStore)
+MAX_PHOTO_BYTES = 15 * 1024 * 1024
+MAX_AUDIO_BYTES = 32 * 1024 * 1024
+MAX_ANIMATE_SPEECH_S = 120.0
+MAX_WAITING_JOBS = 2  # more prepare or render jobs than this waiting: 503, try later
+PHOTO_STATUS = {"too_large": 413, "not_image": 415}  # every other photo problem: 422
+PHOTO_TYPES = ("image/", "application/octet-stream")
+
+
+class _Jobs:
+    """One thread for one kind of heavy job, with a bound on how many may wait."""
+
+    def __init__(self, name: str) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.pending = 0
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.pending > MAX_WAITING_JOBS:
+            raise _error(503, "busy with other uploads or renders; try again shortly",
+                         headers={"Retry-After": "2"})
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            self.pending -= 1
+
+
+PREPARE_JOBS = web.AppKey("avatar_prepare_jobs", _Jobs)
+RENDER_JOBS = web.AppKey("animate_jobs", _Jobs)
+
+
+def add_avatar_api(app: web.Application) -> None:
+    """Register the routes and the store on the server's app (``app[STATE]`` must be set).
+    The ``--avatars`` folder (``config.avatars_dir``) is loaded before the server listens."""
+    state = app[STATE]
+    app[AVATAR_STORE] = AvatarStore(state.engine, state.avatars)
+    app[PREPARE_JOBS] = _Jobs("avatar-prepare")
+    app[RENDER_JOBS] = _Jobs("animate")
+    app.add_routes(avatar_routes())
+    app.on_startup.append(_load_folder)
+    app.on_cleanup.append(_stop_jobs)
+
+
+def avatar_routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/avatars", upload_avatar),
+        web.get("/v1/avatars", list_avatars),
+        web.get("/v1/avatars/{id}", get_avatar),
+        web.get("/v1/avatars/{id}/preview.png", avatar_preview),
+        web.delete("/v1/avatars/{id}", delete_avatar),
+        web.post("/v1/animate", animate),
+    ]
+
+
+async def _load_folder(app: web.Application) -> None:
+    """``--avatars DIR``: every usable photo becomes an avatar; bad ones are logged and
+    skipped, but a folder without a single usable photo stops the start (a typo in a path
+    should not go unnoticed)."""
+    folder = getattr(app[STATE].config, "avatars_dir", None)
+    if not folder:
+        return
+    path = Path(folder)
+    if not path.is_dir():
+        raise AvatarError(f"--avatars {folder}: not a folder")
+    photos = photos_in(path)
+    skipped = await app[PREPARE_JOBS].run(app[AVATAR_STORE].load_folder, path)
+    if len(skipped) == len(photos):
+        raise AvatarError(f"no usable photo in {folder}"
+                          + (f": {skipped}" if skipped else ""))
+
+
+async def _stop_jobs(app: web.Application) -> None:
+    for key in (PREPARE_JOBS, RENDER_JOBS):
+        app[key].pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+class _JSONError(web.HTTPException):
+    """``{"error": message, "reason": code}`` with any status."""
+
+    def __init__(self, status: int, body: dict[str, Any], headers: dict[str, str] | None):
+        self.status_code = status
+        super().__init__(text=json.dumps(body), content_type="application/json",
+                         headers=headers)
+
+
+def _error(status: int, message: str, reason: str | None = None,
+           headers: dict[str, str] | None = None) -> web.HTTPException:
+    body: dict[str, Any] = {"error": message}
+    if reason:
+        body["reason"] = reason
+    return _JSONError(status, body, headers)
+
+
+def _photo_error(exc: AvatarError) -> web.HTTPException:
+    reason = exc.reason if isinstance(exc, PhotoError) else "unusable"
+    return _error(PHOTO_STATUS.get(reason, 422), str(exc), reason)
+
+
+def _authorize(request: web.Request, allow_query: bool = False) -> None:
+    """Avatars are server-wide: the API key, when one is set."""
+    try:
+        request.app[STATE].guard.server(Credentials.of(request, allow_query))
+    except AuthError as exc:
+        headers = {"WWW-Authenticate": 'Bearer realm="avatar-stream"'} \
+            if exc.status == 401 else None
+        raise _error(exc.status, exc.message, headers=headers) from None
+
+
+async def _read_limited(part: BodyPartReader | web.Request, limit: int, what: str) -> bytes:
+    """A multipart part or a request body, 413 past ``limit`` bytes."""
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await (part.read_chunk(64 * 1024) if isinstance(part, BodyPartReader)
+                       else part.content.read(64 * 1024))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise _error(413, f"{what} over {limit // (1024 * 1024)} MB", "too_large")
+        chunks.append(chunk)
+
+
+async def _read_form(request: web.Request, files: dict[str, int]) -> dict[str, bytes]:
+    """multipart/form-data fields: files by name with their byte limits, small text fields
+    (4 kB) for everything else."""
+    if request.content_type != "multipart/form-data":
+        raise _error(415, "send multipart/form-data")
+    if request.content_length is not None and request.content_length > sum(files.values()) + (
+        1 << 20
+    ):
+        raise _error(413, f"body of {request.content_length} bytes is too large", "too_large")
+    reader = await request.multipart()
+    out: dict[str, bytes] = {}
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader) or not part.name:
+            continue
+        limit = files.get(part.name, 4096)
+        out[part.name] = await _read_limited(part, limit, f"field {part.name!r}")
+    return out
+
+
+def _text(form: dict[str, bytes], name: str) -> str | None:
+    """A small text field, None when absent or blank."""
+    value = form.get(name)
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace").strip() or None
+
+
+# -- avatars ----------------------------------------------------------------------------------
+
+
+async def upload_avatar(request: web.Request) -> web.Response:
+    _authorize(request)
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        form = await _read_form(request, {"image": MAX_PHOTO_BYTES})
+        photo, name = form.get("image"), _text(form, "id") or _text(form, "name")
+        if photo is None:
+            raise _error(400, "send the photo in a form field named 'image'")
+    elif ctype.startswith(PHOTO_TYPES):
+        if request.content_length is not None and request.content_length > MAX_PHOTO_BYTES:
+            raise _error(413, f"photo over {MAX_PHOTO_BYTES // (1024 * 1024)} MB", "too_large")
+        photo, name = await _read_limited(request, MAX_PHOTO_BYTES, "photo"), \
+            request.query.get("id")
+    else:
+        raise _error(415, "send the photo as multipart/form-data (field 'image') or as an "
+                          "image/* body", "not_image")
+    store = request.app[AVATAR_STORE]
+    try:
+        avatar, created = await request.app[PREPARE_JOBS].run(store.prepare, photo, name)
+    except AvatarError as exc:
+        raise _photo_error(exc) from None
+    except AvatarConflict as exc:
+        raise _error(409, str(exc)) from None
+    info = store.info(avatar.id) or avatar.info()
+    return web.json_response(info, status=201 if created else 200,
+                             headers={"Location": f"/v1/avatars/{avatar.id}"})
+
+
+async def list_avatars(request: web.Request) -> web.Response:
+    _authorize(request)
+    return web.json_response({"avatars": request.app[AVATAR_STORE].list()})
+
+
+def _avatar_id(request: web.Request) -> str:
+    avatar_id = request.match_info["id"]
+    if avatar_id not in request.app[STATE].avatars:
+        raise _error(404, f"unknown avatar {avatar_id!r}")
+    return avatar_id
+
+
+async def get_avatar(request: web.Request) -> web.Response:
+    _authorize(request)
+    avatar_id = _avatar_id(request)
+    info = request.app[AVATAR_STORE].info(avatar_id)
+    if info is None:
+        raise _error(404, f"unknown avatar {avatar_id!r}")
+    return web.json_response({**info, "preview": f"/v1/avatars/{avatar_id}/preview.png"})
+
+
+async def avatar_preview(request: web.Request) -> web.Response:
+    _authorize(request, allow_query=True)  # an <img> cannot send a header
+    png = request.app[AVATAR_STORE].preview_png(_avatar_id(request))
+    if png is None:
+        raise _error(404, f"unknown avatar {request.match_info['id']!r}")
+    return web.Response(body=png, content_type="image/png",
+                        headers={"Cache-Control": "private, max-age=60"})
+
+
+async def delete_avatar(request: web.Request) -> web.Response:
+    _authorize(request)
+    try:
+        removed = request.app[AVATAR_STORE].remove(_avatar_id(request))
+    except AvatarConflict as exc:
+        raise _error(409, str(exc)) from None
+    if not removed:
+        raise _error(404, f"unknown avatar {request.match_info['id']!r}")
+    return web.Response(status=204)
+
+
+# -- offline animation ------------------------------------------------------------------------
+
+
+async def animate(request: web.Request) -> web.Response:
+    """``POST /v1/animate``: the avatar speaking the audio, as one video file with sound."""
+    _authorize(request)
+    form = await _read_form(request, {"audio": MAX_AUDIO_BYTES, "image": MAX_PHOTO_BYTES})
+    audio = form.get("audio")
+    if not audio:
+        raise _error(400, "send the speech in a form field named 'audio'")
+    fmt = (_text(form, "format") or "webm").lower()
+    if fmt not in FORMATS:
+        raise _error(400, f"format must be one of {', '.join(FORMATS)}")
+    store = request.app[AVATAR_STORE]
+    avatar: Avatar | None
+    if form.get("image"):
+        try:
+            avatar = await request.app[PREPARE_JOBS].run(_prepare_once, store, form["image"])
+        except AvatarError as exc:
+            raise _photo_error(exc) from None
+    else:
+        avatar_id = _text(form, "avatar") or DEFAULT_ID
+        avatar = request.app[STATE].avatars.get(avatar_id)
+        if avatar is None:
+            raise _error(404, f"unknown avatar {avatar_id!r}")
+    try:
+        clip = await request.app[RENDER_JOBS].run(_render, store, avatar, audio, fmt)
+    except SpeechError as exc:
+        status = 413 if "longer than" in str(exc) else 415
+        raise _error(status, str(exc)) from None
+    media = "video/webm" if fmt == "webm" else "video/mp4"
+    return web.Response(body=clip, content_type=media, headers={
+        "Content-Disposition": f'inline; filename="{avatar.id}.{fmt}"'})
+
+
+def _prepare_once(store: AvatarStore, photo: bytes) -> Avatar:
+    """A photo for one clip: checked and prepared like an upload (and cached the same way)
+    but not added to the store."""
+    from .avatar import crop_to_face, load_image
+    from .facerig import get_rigger
+
+    image = load_image(photo)
+    return store.engine.prepare(crop_to_face(image, get_rigger().rig(image)), "upload")
+
+
+def _render(store: AvatarStore, avatar: Avatar, audio: bytes, fmt: str) -> bytes:
+    speech, rate = load_speech(audio)
+    if len(speech) > MAX_ANIMATE_SPEECH_S * rate:
+        raise SpeechError(f"speech longer than {MAX_ANIMATE_SPEECH_S:.0f} s")
+    out = io.BytesIO()
+    render_clip(store.engine, avatar, speech, rate, out, fmt)
+    return out.getvalue()
