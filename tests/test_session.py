@@ -127,3 +127,16 @@ async def test_sessions_are_freed_on_delete_and_on_peer_close(server) -> None:
     assert session.closed.is_set()
     assert all(t.done() for t in session._tasks)
     assert session.video.readyState == "ended" and session.audio.readyState == "ended"
+
+
+async def test_server_shutdown_ends_every_session() -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"])
+    async with running_server(config) as (url, state):
+        client = AvatarClient(url)
+        await client.connect()
+        session = state.sessions[client.session_id]
+    # the server is gone: its sessions were closed on the way out
+    assert session.closed.is_set() and not state.sessions
+    assert session.pc.connectionState == "closed"
+    assert all(t.done() for t in session._tasks)
+    await client.close()
