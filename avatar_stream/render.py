@@ -21,7 +21,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from queue import Queue
+from queue import Full, Queue
 from typing import Any, BinaryIO
 
 import av
@@ -132,45 +132,59 @@ def render_clip(
 
     frames: Queue[np.ndarray | None] = Queue(maxsize=8)
     failure: list[BaseException] = []
+    stop = threading.Event()  # the encoder failed: the drawer must not wait on a full queue
 
     def draw() -> None:
         stream = engine.open_stream(avatar, seed=seed)
         try:
             for k in range(n):
                 frame = stream.step(x16[k * SAMPLES_PER_FRAME : (k + 1) * SAMPLES_PER_FRAME])
-                frames.put(frame[0])
+                while not stop.is_set():
+                    try:
+                        frames.put(frame[0], timeout=0.1)
+                        break
+                    except Full:
+                        continue
+                if stop.is_set():
+                    return
         except BaseException as exc:  # handed to the encoding thread, raised there
             failure.append(exc)
         finally:
             stream.close()
-            frames.put(None)
+            if not stop.is_set():
+                frames.put(None)
 
     drawer = threading.Thread(target=draw, name="render-draw", daemon=True)
-    with av.open(out, "w", format=fmt) as container:
-        video = container.add_stream(vcodec, rate=FPS, options=options)
-        video.width, video.height = avatar.image.shape[1], avatar.image.shape[0]
-        video.pix_fmt = "yuv420p"
-        video.time_base = Fraction(1, FPS)
-        sound = container.add_stream(acodec, rate=AUDIO_RATE, layout="mono")
-        drawer.start()
-        done = 0
-        while (rgb := frames.get()) is not None:
-            yuv = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420), dtype=np.uint8)
-            vf = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-            vf.pts = done
-            container.mux(video.encode(vf))
-            done += 1
-            # the audio shown with this frame follows it into the file
-            a0, a1 = _audio_span(done - 1, len(audio)), _audio_span(done, len(audio))
-            if a1 > a0:
-                container.mux(sound.encode(_audio_frame(audio[a0:a1], a0)))
-            if progress:
-                progress(done, n)
-        drawer.join()
-        if failure:
-            raise failure[0]
-        container.mux(video.encode(None))
-        container.mux(sound.encode(None))
+    done = 0
+    try:
+        with av.open(out, "w", format=fmt) as container:
+            video = container.add_stream(vcodec, rate=FPS, options=options)
+            video.width, video.height = avatar.image.shape[1], avatar.image.shape[0]
+            video.pix_fmt = "yuv420p"
+            video.time_base = Fraction(1, FPS)
+            sound = container.add_stream(acodec, rate=AUDIO_RATE, layout="mono")
+            drawer.start()
+            while (rgb := frames.get()) is not None:
+                yuv = np.asarray(cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420), dtype=np.uint8)
+                vf = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
+                vf.pts = done
+                container.mux(video.encode(vf))
+                done += 1
+                # the audio shown with this frame follows it into the file (the last frame
+                # takes whatever resampling rounding left over)
+                a0 = _audio_span(done - 1, len(audio))
+                a1 = len(audio) if done == n else _audio_span(done, len(audio))
+                if a1 > a0:
+                    container.mux(sound.encode(_audio_frame(audio[a0:a1], a0)))
+                if progress:
+                    progress(done, n)
+            drawer.join()
+            if failure:
+                raise failure[0]
+            container.mux(video.encode(None))
+            container.mux(sound.encode(None))
+    finally:
+        stop.set()
     return RenderResult(frames=done, duration_s=len(speech) / rate,
                         elapsed_s=time.perf_counter() - started)
 
@@ -256,7 +270,8 @@ def measure_render_speed(
 
     Returns ms per frame (mean, median, p95, max; wall clock) and the thread's CPU ms per
     frame (less disturbed by other processes on a shared machine), frames per second and
-    how many real-time streams that is. The engine defaults to warp.
+    how many real-time streams that is. The engine defaults to warp. OpenCV's thread count
+    is process-wide: it is set for the run and restored after, so run this on its own.
     """
     if engine is None:
         from avatar_stream.engines.warp import WarpEngine
