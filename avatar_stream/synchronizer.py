@@ -52,7 +52,7 @@ Event = dict[str, Any]
 class OutputFrame:
     """A frame ready to go, with the audio it was made from (48 kHz s16)."""
 
-    yuv: np.ndarray  # (768, 512) I420
+    video: av.VideoFrame  # yuv420p, stamped when released
     audio: np.ndarray  # (1920,) int16
     segments: list[Segment] = field(default_factory=list)
 
@@ -108,7 +108,7 @@ class Synchronizer:
         self._out: deque[OutputFrame] = deque()
         self._released = 0  # video frames released so far = index of the next one
         self._pending_half: np.ndarray | None = None  # second 20 ms of the current frame
-        self._last_yuv: np.ndarray | None = None
+        self._last_video: av.VideoFrame | None = None
         self._upsampler = Resampler(OUT_RATE)
         self._audio_fifo = np.zeros(0, dtype=np.float32)
         self._epoch = 0
@@ -241,14 +241,15 @@ class Synchronizer:
         pcm = speech if speech is not None else np.zeros(n * SAMPLES_PER_FRAME, np.float32)
         audio = self._to_out_rate(pcm, n)
         per_frame = split_segments(segments, n, SAMPLES_PER_FRAME)
-        for i, yuv in enumerate(frames):
+        for i, video in enumerate(frames):
             chunk = audio[i * OUT_SAMPLES_PER_FRAME : (i + 1) * OUT_SAMPLES_PER_FRAME]
-            self._out.append(OutputFrame(yuv, float_to_s16(chunk), per_frame[i]))
+            self._out.append(OutputFrame(video, float_to_s16(chunk), per_frame[i]))
         self._produced.set()
 
-    def _render(self, speech: np.ndarray | None) -> list[np.ndarray]:
-        """Worker thread: one engine step, converted to what the encoder wants."""
-        return [rgb_to_i420(f) for f in self.stream.step(speech)]
+    def _render(self, speech: np.ndarray | None) -> list[av.VideoFrame]:
+        """Worker thread: one engine step, converted to what the encoder wants (the copies
+        into frames hold the GIL: better here than on the event loop)."""
+        return [_i420_frame(rgb_to_i420(f)) for f in self.stream.step(speech)]
 
     def _to_out_rate(self, pcm16k: np.ndarray, frames: int) -> np.ndarray:
         """16 kHz -> 48 kHz, streaming, exactly 1920 samples per frame out."""
@@ -282,15 +283,15 @@ class Synchronizer:
         self._wake_producer.set()
         if item is None:  # nothing came in time: show the last picture again, silent
             self.stats.fillers += 1
-            yuv = self._last_yuv if self._last_yuv is not None else _black_i420()
-            item = OutputFrame(yuv, np.zeros(OUT_SAMPLES_PER_FRAME, np.int16))
+            yuv = self._last_video.to_ndarray() if self._last_video else _black_i420()
+            item = OutputFrame(_i420_frame(yuv), np.zeros(OUT_SAMPLES_PER_FRAME, np.int16))
         k = self._released
         self._released += 1
-        frame = av.VideoFrame.from_ndarray(item.yuv, format="yuv420p")
+        frame = item.video
         frame.pts = k * VIDEO_PTS_PER_FRAME
         frame.time_base = VIDEO_TIME_BASE
         self.video.put(frame)
-        self._last_yuv = item.yuv
+        self._last_video = frame
         self.stats.frames_sent += 1
         self._send_audio(item.audio[:OUT_HALF], 2 * k)
         self._pending_half = item.audio[OUT_HALF:]
@@ -331,6 +332,10 @@ class Synchronizer:
                         "interrupted": False,
                     }
                 )
+
+
+def _i420_frame(yuv: np.ndarray) -> av.VideoFrame:
+    return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
 
 
 def _black_i420() -> np.ndarray:
