@@ -358,3 +358,22 @@ async def test_animate_returns_a_clip(server, speech_wav: Path) -> None:
     form.add_field("image", b"not a photo", filename="x.jpg")
     async with http.post(f"{url}/v1/animate", data=form) as r:
         assert r.status == 415 and (await r.json())["reason"] == "not_image"
+
+
+@on_server_loop
+async def test_avatar_calls_need_the_api_key_when_one_is_set() -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
+                          api_key="sesame")
+    async with running_server(config) as (url, _), aiohttp.ClientSession() as http:
+        async with http.get(f"{url}/v1/avatars") as r:
+            assert r.status == 401
+        async with http.delete(f"{url}/v1/avatars/default") as r:
+            assert r.status == 401
+        async with http.post(f"{url}/v1/avatars", data=b"x",
+                             headers={"Content-Type": "image/jpeg"}) as r:
+            assert r.status == 401
+        key = {"Authorization": "Bearer sesame"}
+        async with http.get(f"{url}/v1/avatars", headers=key) as r:
+            assert r.status == 200
+        async with http.get(f"{url}/v1/avatars/default/preview.png?token=sesame") as r:
+            assert r.status == 200 and r.content_type == "image/png"  # an <img> src works
