@@ -157,6 +157,7 @@ class Received:
     video_net_t: list[float] = field(default_factory=list)  # last packet off the network
     video_pts: list[int] = field(default_factory=list)
     mouth: list[np.ndarray] = field(default_factory=list)  # luma crops of the mouth box
+    faces: list[np.ndarray] = field(default_factory=list)  # luma crops of the face box
     audio_t: list[float] = field(default_factory=list)
     audio_net_t: list[float] = field(default_factory=list)
     audio_pts: list[int] = field(default_factory=list)
@@ -186,6 +187,7 @@ class AvatarClient(SessionCalls):
         ice_servers: list[IceServer] | None = None,
         ice_host_addresses: list[str] | None = ("127.0.0.1",),  # type: ignore[assignment]
         record_mouth: bool = True,
+        record_face: bool = False,
         api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -200,6 +202,7 @@ class AvatarClient(SessionCalls):
         self.session_id: str | None = None
         self.avatar_info: dict[str, Any] = {}
         self.record_mouth = record_mouth
+        self.record_face = record_face
         self.connect_started: float | None = None
         self.first_frame_at: float | None = None
         self._channel = self.pc.createDataChannel("control")
@@ -273,6 +276,7 @@ class AvatarClient(SessionCalls):
     async def _record(self, track: MediaStreamTrack) -> None:
         rec = self.received
         box = self.avatar_info.get("mouth_box")
+        face = self.avatar_info.get("face_box")
         while True:
             try:
                 frame = await track.recv()
@@ -287,10 +291,14 @@ class AvatarClient(SessionCalls):
                 rec.video_t.append(now)
                 rec.video_net_t.append(net_t)
                 rec.video_pts.append(int(frame.pts))
-                if self.record_mouth and box:
+                if (self.record_mouth and box) or (self.record_face and face):
                     luma = frame.to_ndarray(format="gray")
+                if self.record_mouth and box:
                     x0, y0, x1, y1 = box
                     rec.mouth.append(luma[y0:y1, x0:x1].copy())
+                if self.record_face and face:
+                    x0, y0, x1, y1 = face
+                    rec.faces.append(luma[y0:y1, x0:x1].copy())
             else:
                 pcm = frame.to_ndarray()
                 channels = len(frame.layout.channels)

@@ -15,6 +15,7 @@ from typing import Any
 
 import av
 import numpy as np
+import soxr
 
 from ..client import MIC_RATE
 from . import report
@@ -31,8 +32,11 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     )
     p.add_argument("--url", help="server to measure (default: start one in this process)")
     p.add_argument("--audio", type=Path, help="speech file (default: built-in espeak-ng speech)")
-    p.add_argument("--mode", choices=["live"], default="live",
-                   help="live: speak over the client's audio track in real time")
+    p.add_argument("--mode", choices=["live", "push"], default="live",
+                   help="live: speak over the client's audio track in real time; push: post "
+                        "each clip ahead of playout, as a TTS front-end does")
+    p.add_argument("--engine-only", action="store_true",
+                   help="only time the engine's frames on one core (no WebRTC)")
     p.add_argument("--duration", type=float, default=30.0, help="seconds per session")
     p.add_argument("--sessions", type=int, default=1, help="sessions at once")
     p.add_argument("--engine", default="warp", help="engine of the in-process server")
@@ -78,8 +82,9 @@ async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Name
                        record_mouth: bool = True) -> list[SessionResult]:
     show = progress_printer()
     return list(await asyncio.gather(*(
-        run_session(url, speech, args.duration, interrupt_every=args.interrupt_every,
-                    record_mouth=record_mouth, progress=show if i == 0 else None,
+        run_session(url, speech, args.duration, mode=args.mode,
+                    interrupt_every=args.interrupt_every, record_mouth=record_mouth,
+                    record_face=record_mouth and i == 0, progress=show if i == 0 else None,
                     label=f"[{n} session{'s' if n > 1 else ''}] ")
         for i in range(n)
     )))
@@ -128,7 +133,32 @@ async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: lis
     return {"capacity": capacity, "levels": levels}
 
 
+def engine_only(args: argparse.Namespace) -> int:
+    """Frame time of the engine alone, single-threaded, on speech-like input."""
+    from ..avatar import reference_image
+    from ..engines import create_engine
+    from ..render import measure_render_speed
+
+    engine = create_engine(args.engine)
+    avatar = engine.prepare(reference_image(None), "default")
+    speech = load_speech(args.audio).astype(np.float32) / 32768.0
+    speech16k = soxr.resample(speech, MIC_RATE, 16_000).astype(np.float32)
+    seconds = max(args.duration, 1.0)
+    reps = int(np.ceil(seconds * 16_000 / len(speech16k)))
+    result = measure_render_speed(avatar, seconds, threads=1, engine=engine,
+                                  speech=np.tile(speech16k, reps)[: int(seconds * 16_000)])
+    print(f"{engine.name} engine, one core, {result['frames']} frames of speech:")
+    print(f"  {result['ms_p50']:.2f} ms per frame p50, {result['ms_p95']:.2f} p95, "
+          f"{result['ms_max']:.2f} max; {result['cpu_ms_per_frame']:.2f} ms CPU per frame")
+    print(f"  {result['fps']:.0f} fps = {result['realtime_streams']:.1f} real-time streams per core")
+    if args.json:
+        report.write_json(args.json, {"engine_only": result})
+    return 0
+
+
 def main(args: argparse.Namespace) -> int:
+    if args.engine_only:
+        return engine_only(args)
     t = time.perf_counter()
     for name in ("avatar_stream", "aiohttp.access"):  # the report is the output
         logging.getLogger(name).setLevel(logging.WARNING)

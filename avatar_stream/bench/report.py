@@ -22,6 +22,7 @@ ROWS: dict[str, tuple[str, Any]] = {
     "received fps": ("fps", lambda r: [r.fps]),
     "frame jitter": ("ms", lambda r: [j * 1000 for j in r.jitter]),
     "interrupt->silence": ("ms", lambda r: [d * 1000 for d in r.interrupt_to_silence]),
+    "  at network arrival": ("ms", lambda r: [d * 1000 for d in r.interrupt_to_silence_net]),
 }
 
 

@@ -30,6 +30,7 @@ QUIET_RMS = 0.004  # received audio below this counts as silent
 class Script:
     """What a session did and when (perf_counter seconds)."""
 
+    mode: str = "live"
     clips: list[tuple[float, float, bool]] = field(default_factory=list)  # start, length, cut
     interrupts: list[float] = field(default_factory=list)
     end: float = 0.0
@@ -46,7 +47,8 @@ class SessionResult:
     frame_intervals: list[float]
     pts_monotonic: bool
     fps: float
-    interrupt_to_silence: list[float]
+    interrupt_to_silence: list[float]  # heard: after this client's jitter buffer
+    interrupt_to_silence_net: list[float]  # the last speech packet off the network
     lipsync_r: float | None = None  # received mouth vs received audio
     lipsync_lag_s: float | None = None  # positive: the mouth moves after its sound
     timeline: dict[str, Any] = field(default_factory=dict)
@@ -65,15 +67,22 @@ async def run_session(
     speech: np.ndarray,
     duration: float,
     *,
+    mode: str = "live",
     interrupt_every: int = 3,
     record_mouth: bool = True,
+    record_face: bool = False,
     progress: Callable[[str], None] | None = None,
     label: str = "",
 ) -> SessionResult:
-    """One session as a user would hold it; returns the raw measurements."""
+    """One session as a user would hold it; returns the raw measurements.
+
+    ``live``: the speech goes out on the client's audio track in real time, like a
+    microphone. ``push``: each clip is posted whole, ahead of playout, like a TTS
+    front-end; its latency counts from the post.
+    """
     clip_s = len(speech) / MIC_RATE
-    script = Script()
-    client = AvatarClient(url, record_mouth=record_mouth)
+    script = Script(mode=mode)
+    client = AvatarClient(url, record_mouth=record_mouth, record_face=record_face)
     try:
         await client.connect()
         t0 = time.perf_counter()
@@ -83,10 +92,14 @@ async def run_session(
             n += 1
             cut = interrupt_every > 0 and n % interrupt_every == 0
             start = time.perf_counter()
-            client.mic.play(speech)
+            if mode == "push":
+                await client.push_speech(speech, MIC_RATE, end=True)
+            else:
+                client.mic.play(speech)
             script.clips.append((start, clip_s, cut))
             if cut:
-                await asyncio.sleep(min(1.2, clip_s / 2))
+                await asyncio.sleep(min(1.0, clip_s / 3))
+                await _until_loud(client, timeout=min(1.5, clip_s / 2))
                 client.mic.play(np.zeros(0, np.int16))  # the speaker stops...
                 script.interrupts.append(client.interrupt())  # ...and barges in
                 await asyncio.sleep(PAUSE_S)
@@ -98,12 +111,26 @@ async def run_session(
         script.end = time.perf_counter()
     finally:
         await client.close()
-    return measure(client, script)
+    return measure(client, script, speech)
 
 
-def measure(client: AvatarClient, script: Script) -> SessionResult:
+async def _until_loud(client: AvatarClient, timeout: float) -> None:
+    """Barge in mid-word, not in a pause, so the figure counts speech that was playing."""
+    audio = client.received.audio
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        if audio and float(np.sqrt(np.mean(audio[-1] ** 2))) > 8 * QUIET_RMS:
+            return
+        await asyncio.sleep(0.005)
+
+
+def measure(client: AvatarClient, script: Script, speech: np.ndarray) -> SessionResult:
     rec = client.received
-    sent_t, sent_env = A.signal_envelope(client.mic.sent_t0 or 0.0, client.mic.sent, MIC_RATE)
+    if script.mode == "push":  # the reference is each clip placed at its post
+        sent_t, sent_env = _clips_envelope(script, speech)
+    else:  # exactly what the microphone track sent, when it sent it
+        sent_t, sent_env = A.signal_envelope(client.mic.sent_t0 or 0.0, client.mic.sent,
+                                             MIC_RATE)
     recv_t, recv_env = A.frame_envelope(rec.audio_t, rec.audio, MIC_RATE)
     start, stop = (sent_t[0], script.end) if len(sent_t) else (0.0, 0.0)
     grid = np.arange(start, stop, A.HOP_S)
@@ -114,6 +141,7 @@ def measure(client: AvatarClient, script: Script) -> SessionResult:
     net_t, net_env = A.frame_envelope(rec.audio_net_t, rec.audio, MIC_RATE)
     recv_net = A.smooth(A.on_grid(net_t, net_env, start, stop))
     mouth_signal = mouth_openness(rec.mouth)
+    lips_signal = _rig_openings(rec.faces) if rec.faces else None
     mouth = mouth_net = None
     if len(mouth_signal):
         mouth = A.smooth(A.on_grid(np.asarray(rec.video_t), mouth_signal, start, stop))
@@ -131,13 +159,17 @@ def measure(client: AvatarClient, script: Script) -> SessionResult:
             mouth_w.append((a, mlag, mr))
         alag, ar = A.window_lag(sent, recv_net, i0, i1, max_lag_s=1.0)
         vlag, vr = A.window_lag(sent, mouth_net, i0, i1, max_lag_s=1.0)
-        if np.isfinite(alag) and np.isfinite(vlag) and ar >= 0.5 and vr >= 0.3:
+        if np.isfinite(alag) and np.isfinite(vlag) and ar >= 0.5 and vr >= 0.5:
             offsets.append(alag - vlag)
     vt = np.asarray(rec.video_t)
     intervals = np.diff(vt).tolist() if len(vt) > 1 else []
     lips = None
-    if mouth_net is not None and len(echo):
-        lips = A.best_lag(recv_net, mouth_net, max_lag_s=0.3, min_lag_s=-0.3)
+    if lips_signal is not None and len(echo):
+        # the face rig's lip gap on each received frame, as lipsync measures rendered clips
+        valid = np.isfinite(lips_signal)
+        lips_net = A.smooth(A.on_grid(np.asarray(rec.video_net_t)[valid], lips_signal[valid],
+                                      start, stop))
+        lips = A.best_lag(recv_net, lips_net, max_lag_s=0.3, min_lag_s=-0.3)
     return SessionResult(
         connect_s=(client.first_frame_at or float("nan")) - (client.connect_started or 0.0),
         echo=echo,
@@ -147,6 +179,8 @@ def measure(client: AvatarClient, script: Script) -> SessionResult:
         pts_monotonic=all(b > a for a, b in zip(rec.video_pts, rec.video_pts[1:])),
         fps=rec.fps(),
         interrupt_to_silence=_interrupt_delays(rec.audio_t, rec.audio, script.interrupts),
+        interrupt_to_silence_net=_interrupt_delays(rec.audio_net_t, rec.audio,
+                                                   script.interrupts),
         lipsync_r=lips[1] if lips else None,
         lipsync_lag_s=lips[0] if lips else None,
         timeline={
@@ -169,6 +203,25 @@ def mouth_openness(crops: list[np.ndarray]) -> np.ndarray:
     if not crops:
         return np.zeros(0)
     return np.array([255.0 - float(np.percentile(c, 10)) for c in crops])
+
+
+def _clips_envelope(script: Script, speech: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """The reference for pushed speech: each clip's envelope from the moment it was posted."""
+    _, env = A.signal_envelope(0.0, speech, MIC_RATE)
+    ts, ys = [], []
+    for start, _, _ in script.clips:
+        ts.append(start + np.arange(len(env)) * A.HOP_S)
+        ys.append(env)
+    if not ts:
+        return np.zeros(0), np.zeros(0)
+    return np.concatenate(ts), np.concatenate(ys)
+
+
+def _rig_openings(faces: list[np.ndarray]) -> np.ndarray:
+    """Inner-lip gap per received frame, from the face rig (see ``lipsync``)."""
+    from ..lipsync import mouth_openings
+
+    return mouth_openings(np.repeat(f[:, :, None], 3, axis=2) for f in faces)
 
 
 def _speech_windows(script: Script, width: float = 2.5, hop: float = 0.5
