@@ -228,6 +228,7 @@ def test_warm_up_measures_capacity(lite: FlashHeadEngine) -> None:
     stream = lite.open_stream(lite.avatar)  # type: ignore[attr-defined]
     sessions = max(1, lite.realtime_sessions)
     assert stream.playout_delay_s == pytest.approx((sessions - 1) * lite.step_s + 0.1)
+    assert stream.step_time_hint_s == lite.step_s
 
 
 def test_missing_weights_are_named(tmp_path) -> None:

@@ -70,6 +70,10 @@ class EngineStream(ABC):
     #: arriving; later steps then find their speech complete although other sessions'
     #: steps run first on the shared device. 0: start as soon as one step's speech is in.
     playout_delay_s: float = 0.0
+    #: a speech step's expected run time (measured at warm-up; 0: unknown). A chunked
+    #: engine's next step must start at least this long, plus a margin, before the frames
+    #: already queued run out; a prior for the first step, before any was timed.
+    step_time_hint_s: float = 0.0
 
     @abstractmethod
     def step(self, speech: np.ndarray | None) -> np.ndarray:

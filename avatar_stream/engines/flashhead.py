@@ -222,6 +222,7 @@ class FlashHeadStream(EngineStream):
         self.schedule = engine.schedule
         self.frames_per_step = self.schedule.frames_per_step
         self.playout_delay_s = engine.playout_delay_s()
+        self.step_time_hint_s = engine.step_s or 0.0
         self.state = engine.new_state(person.person, seed)
         self._window = np.zeros(WINDOW_SAMPLES, np.float32)
         self._pending_silence = 0  # idle samples not yet shifted into the window
