@@ -81,7 +81,7 @@ def test_rendered_clip_is_complete_and_in_sync(
     # faster than real time: on wall time when the machine is ours, and always in CPU time
     # (drawing and encoding together take well under the clip's duration)
     print(f"{suffix}: CPU {result.cpu_s:.2f} s for {duration:.2f} s of clip")
-    assert result.cpu_s < 0.7 * duration
+    assert result.cpu_s < duration
 
 
 def test_render_command(speech_wav: Path, tmp_path: Path, capsys) -> None:
