@@ -301,8 +301,14 @@ class Synchronizer:
         """A frame is late: wait a little for it, and move the clock by what we waited."""
         t = self.clock.now()
         self._produced.clear()
-        with contextlib.suppress(asyncio.TimeoutError):
-            await asyncio.wait_for(self._produced.wait(), self.late_wait_s)
+        # not asyncio.wait_for: on Python 3.11 it swallows a cancel that lands as the event
+        # is set, and the pacer then outlives stop() (seen as sessions that never finish
+        # closing under churn)
+        produced = asyncio.ensure_future(self._produced.wait())
+        try:
+            await asyncio.wait({produced}, timeout=self.late_wait_s)
+        finally:
+            produced.cancel()
         if not self._out:
             return None
         self.clock.slip(self.clock.now() - t)
