@@ -208,7 +208,7 @@ class SessionCalls:
     _http: aiohttp.ClientSession | None
 
     def _auth(self) -> dict[str, str]:
-        credential = self.token or self.api_key
+        credential = self.api_key or self.token  # a key never expires
         return {"Authorization": f"Bearer {credential}"} if credential else {}
 
     def _url(self, path: str = "") -> str:

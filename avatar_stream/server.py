@@ -84,8 +84,8 @@ class ServerState:
     @property
     def token_ttl_s(self) -> float:
         ttl = self.config.token_ttl_s
-        if ttl is None:
-            ttl = self.config.session_max_duration_s or 24 * 3600.0
+        if ttl is None:  # outlive the session a little: after it, callers learn it ended (410)
+            ttl = (self.config.session_max_duration_s or 24 * 3600.0) + 300.0
         return ttl
 
     @property
@@ -561,7 +561,8 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     the session's events out: the same messages as the ``control`` data channel."""
     session = _session(request, allow_query_token=True)
     state = request.app[STATE]
-    ws = web.WebSocketResponse(max_msg_size=state.config.max_ws_message_bytes, heartbeat=30)
+    # aiohttp refuses a message of exactly max_msg_size: the limit itself must pass
+    ws = web.WebSocketResponse(max_msg_size=state.config.max_ws_message_bytes + 1, heartbeat=30)
     outbox: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=WS_OUTBOX)
     write_task: asyncio.Task[None] | None = None
 
