@@ -122,28 +122,41 @@ class ArrivalRecordingBuffer(JitterBuffer):
     client's buffers.
     """
 
-    def __init__(self, capacity: int, prefetch: int = 0, is_video: bool = False) -> None:
+    def __init__(
+        self, capacity: int, prefetch: int = 0, is_video: bool = False,
+        swallow: Callable[[float, int], None] | None = None,
+    ) -> None:
         super().__init__(capacity, prefetch=prefetch, is_video=is_video)
         self._arrived: dict[int, float] = {}
         self.frames_out: deque[float] = deque(maxlen=256)
+        # with ``swallow`` set, complete frames are reported to it (arrival time, RTP
+        # timestamp) and never decoded: a load generator need not pay for decoding
+        self._swallow = swallow
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         self._arrived[packet.timestamp] = time.perf_counter()
         pli, frame = super().add(packet)
         if frame is not None:
-            self.frames_out.append(self._arrived.pop(frame.timestamp, time.perf_counter()))
+            arrived = self._arrived.pop(frame.timestamp, time.perf_counter())
             if len(self._arrived) > 512:  # timestamps of frames that never completed
                 self._arrived.clear()
+            if self._swallow is not None:
+                self._swallow(arrived, frame.timestamp)
+                return pli, None
+            self.frames_out.append(arrived)
         return pli, frame
 
 
-def _record_arrivals(pc: RTCPeerConnection) -> dict[str, ArrivalRecordingBuffer]:
+def _record_arrivals(
+    pc: RTCPeerConnection, swallow_video: Callable[[float, int], None] | None = None
+) -> dict[str, ArrivalRecordingBuffer]:
     """Swap each receiver's jitter buffer for a recording one with the same settings."""
     buffers = {}
     for transceiver in pc.getTransceivers():
         receiver = transceiver.receiver
         old = receiver._RTCRtpReceiver__jitter_buffer  # no public hook in aiortc
-        new = ArrivalRecordingBuffer(old.capacity, old._prefetch, old._is_video)
+        swallow = swallow_video if transceiver.kind == "video" else None
+        new = ArrivalRecordingBuffer(old.capacity, old._prefetch, old._is_video, swallow)
         receiver._RTCRtpReceiver__jitter_buffer = new
         buffers[transceiver.kind] = new
     return buffers
@@ -188,6 +201,7 @@ class AvatarClient(SessionCalls):
         ice_host_addresses: list[str] | None = ("127.0.0.1",),  # type: ignore[assignment]
         record_mouth: bool = True,
         record_face: bool = False,
+        decode_video: bool = True,
         api_key: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
@@ -203,6 +217,8 @@ class AvatarClient(SessionCalls):
         self.avatar_info: dict[str, Any] = {}
         self.record_mouth = record_mouth
         self.record_face = record_face
+        self.decode_video = decode_video  # False: only note when each frame arrived
+        self._last_rtp: int | None = None
         self.connect_started: float | None = None
         self.first_frame_at: float | None = None
         self._channel = self.pc.createDataChannel("control")
@@ -228,7 +244,8 @@ class AvatarClient(SessionCalls):
         if self.ice_host_addresses:
             # our own candidates too (process-wide: aioice offers no per-connection setting)
             restrict_host_addresses(self.ice_host_addresses)
-        self._http = aiohttp.ClientSession()
+        # no call of ours should wait forever on a server that stopped answering
+        self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self.pc.addTrack(self.mic)
         self.pc.addTransceiver("video", direction="recvonly")
 
@@ -270,8 +287,25 @@ class AvatarClient(SessionCalls):
         self.avatar_info = data.get("avatar", {})
         answer = filter_candidates(data["sdp"], self.ice_host_addresses)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-        self._arrivals = _record_arrivals(self.pc)
+        self._arrivals = _record_arrivals(
+            self.pc, None if self.decode_video else self._frame_arrived
+        )
         await asyncio.wait_for(self.wait_event("ready"), timeout)
+
+    def _frame_arrived(self, t: float, rtp_timestamp: int) -> None:
+        """A video frame that will not be decoded: its arrival and (unwrapped) timestamp."""
+        rec = self.received
+        if self.first_frame_at is None:
+            self.first_frame_at = t
+        pts = rtp_timestamp
+        if rec.video_pts:
+            step = (rtp_timestamp - self._last_rtp) % (1 << 32) if self._last_rtp is not None \
+                else 0
+            pts = rec.video_pts[-1] + (step if step < (1 << 31) else step - (1 << 32))
+        self._last_rtp = rtp_timestamp
+        rec.video_t.append(t)
+        rec.video_net_t.append(t)
+        rec.video_pts.append(pts)
 
     async def _record(self, track: MediaStreamTrack) -> None:
         rec = self.received
@@ -384,7 +418,7 @@ class AvatarClient(SessionCalls):
     async def close(self) -> None:
         self.hub.finish()
         if self._http is not None and self.session_id is not None:
-            with contextlib.suppress(aiohttp.ClientError):
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                 async with self._http.delete(f"{self.base_url}/v1/sessions/{self.session_id}",
                                              headers=self._auth()):
                     pass

@@ -117,7 +117,9 @@ async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: lis
                         ) -> dict[str, Any]:
     levels: list[dict[str, Any]] = []
     capacity = 0
-    async with server_or_url(args.url, args.engine, hosts) as url:
+    # the server gets a process of its own here: many sessions' clients in the server's
+    # process would share its interpreter lock, and the figure would be the bench's
+    async with server_or_url(args.url, args.engine, hosts, own_process=True) as url:
         for n in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16):
             results = await run_sessions(url, speech, n, args, record_mouth=False)
             summary = report.summarise(results)

@@ -9,12 +9,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import socket
 import sys
 import time
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import aiohttp
 import numpy as np
 
 from ..client import MIC_RATE, AvatarClient
@@ -82,7 +84,9 @@ async def run_session(
     """
     clip_s = len(speech) / MIC_RATE
     script = Script(mode=mode)
-    client = AvatarClient(url, record_mouth=record_mouth, record_face=record_face)
+    # a session that measures no mouth need not decode the video at all
+    client = AvatarClient(url, record_mouth=record_mouth, record_face=record_face,
+                          decode_video=record_mouth or record_face)
     try:
         await client.connect()
         t0 = time.perf_counter()
@@ -110,7 +114,10 @@ async def run_session(
                          f"{len(client.received.video_t)} frames")
         script.end = time.perf_counter()
     finally:
-        await client.close()
+        try:
+            await asyncio.wait_for(client.close(), 20)
+        except asyncio.TimeoutError:
+            print(f"bench: {label}a session took over 20 s to close", file=sys.stderr)
     return measure(client, script, speech)
 
 
@@ -256,11 +263,18 @@ def _interrupt_delays(times: list[float], frames: list[np.ndarray], interrupts: 
 
 
 @contextlib.asynccontextmanager
-async def server_or_url(url: str | None, engine: str, host_addresses: list[str]
-                        ) -> AsyncIterator[str]:
-    """The given server, or the real server started in this process on loopback."""
+async def server_or_url(
+    url: str | None, engine: str, host_addresses: list[str], own_process: bool = False
+) -> AsyncIterator[str]:
+    """The given server, or the real server started on loopback: in this process, or in a
+    process of its own (so that measuring many sessions does not share one interpreter
+    lock between the server and its clients, as it never would in deployment)."""
     if url:
         yield url
+        return
+    if own_process:
+        async with _server_process(engine, host_addresses) as local_url:
+            yield local_url
         return
     from ..server import running_server
 
@@ -268,6 +282,41 @@ async def server_or_url(url: str | None, engine: str, host_addresses: list[str]
                           ice_host_addresses=host_addresses, max_sessions=64)
     async with running_server(config) as (local_url, _):
         yield local_url
+
+
+@contextlib.asynccontextmanager
+async def _server_process(engine: str, host_addresses: list[str]) -> AsyncIterator[str]:
+    with socket.socket() as s:  # a free port (the server binds it right after)
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, "-m", "avatar_stream", "serve", "--port", str(port),
+        "--engine", engine, "--max-sessions", "64",
+        "--ice-host-addresses", ",".join(host_addresses),
+        stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
+    )
+    url = f"http://127.0.0.1:{port}"
+    try:
+        async with aiohttp.ClientSession() as http:
+            for _ in range(300):
+                if proc.returncode is not None:
+                    raise RuntimeError("the server process exited at start-up")
+                with contextlib.suppress(aiohttp.ClientError):
+                    async with http.get(f"{url}/healthz") as r:
+                        if r.status == 200:
+                            break
+                await asyncio.sleep(0.1)
+            else:
+                raise RuntimeError("the server process did not come up in 30 s")
+        yield url
+    finally:
+        if proc.returncode is None:
+            proc.terminate()
+            try:
+                await asyncio.wait_for(proc.wait(), 10)
+            except asyncio.TimeoutError:
+                proc.kill()
+                await proc.wait()
 
 
 def progress_printer(stream: Any = sys.stderr) -> Callable[[str], None]:
