@@ -18,7 +18,6 @@ import contextlib
 import fractions
 import json
 import time
-from collections import deque
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -27,9 +26,7 @@ import aiohttp
 import av
 import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
-from aiortc.jitterbuffer import JitterBuffer, JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
-from aiortc.rtp import RtpPacket
 
 from .config import IceServer
 from .control import (
@@ -42,6 +39,8 @@ from .control import (
     stream_pcm16,
 )
 from .ice import filter_candidates, restrict_host_addresses, rtc_configuration
+from .ingest import frame_to_mono
+from .jitterbuffer import ArrivalRecordingBuffer, record_arrivals
 
 MIC_RATE = 48_000
 MIC_FRAME = 960  # 20 ms
@@ -111,55 +110,6 @@ class SpeechTrack(MediaStreamTrack):
         frame.time_base = fractions.Fraction(1, MIC_RATE)
         self._n += 1
         return frame
-
-
-class ArrivalRecordingBuffer(JitterBuffer):
-    """aiortc's own jitter buffer, noting when each frame's last packet came off the network.
-
-    A receiver's buffering delays audio and video by different amounts (aiortc holds audio
-    back 4 packets, video one frame); a lip-syncing receiver undoes that with RTCP. The
-    network arrival times say what the sender put on the wire, independent of this
-    client's buffers.
-    """
-
-    def __init__(
-        self, capacity: int, prefetch: int = 0, is_video: bool = False,
-        swallow: Callable[[float, int], None] | None = None,
-    ) -> None:
-        super().__init__(capacity, prefetch=prefetch, is_video=is_video)
-        self._arrived: dict[int, float] = {}
-        self.frames_out: deque[float] = deque(maxlen=256)
-        # with ``swallow`` set, complete frames are reported to it (arrival time, RTP
-        # timestamp) and never decoded: a load generator need not pay for decoding
-        self._swallow = swallow
-
-    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
-        self._arrived[packet.timestamp] = time.perf_counter()
-        pli, frame = super().add(packet)
-        if frame is not None:
-            arrived = self._arrived.pop(frame.timestamp, time.perf_counter())
-            if len(self._arrived) > 512:  # timestamps of frames that never completed
-                self._arrived.clear()
-            if self._swallow is not None:
-                self._swallow(arrived, frame.timestamp)
-                return pli, None
-            self.frames_out.append(arrived)
-        return pli, frame
-
-
-def _record_arrivals(
-    pc: RTCPeerConnection, swallow_video: Callable[[float, int], None] | None = None
-) -> dict[str, ArrivalRecordingBuffer]:
-    """Swap each receiver's jitter buffer for a recording one with the same settings."""
-    buffers = {}
-    for transceiver in pc.getTransceivers():
-        receiver = transceiver.receiver
-        old = receiver._RTCRtpReceiver__jitter_buffer  # no public hook in aiortc
-        swallow = swallow_video if transceiver.kind == "video" else None
-        new = ArrivalRecordingBuffer(old.capacity, old._prefetch, old._is_video, swallow)
-        receiver._RTCRtpReceiver__jitter_buffer = new
-        buffers[transceiver.kind] = new
-    return buffers
 
 
 @dataclass
@@ -287,7 +237,7 @@ class AvatarClient(SessionCalls):
         self.avatar_info = data.get("avatar", {})
         answer = filter_candidates(data["sdp"], self.ice_host_addresses)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
-        self._arrivals = _record_arrivals(
+        self._arrivals = record_arrivals(
             self.pc, None if self.decode_video else self._frame_arrived
         )
         await asyncio.wait_for(self.wait_event("ready"), timeout)
@@ -319,12 +269,12 @@ class AvatarClient(SessionCalls):
             now = time.perf_counter()
             arrivals = self._arrivals.get(track.kind)
             net_t = arrivals.frames_out.popleft() if arrivals and arrivals.frames_out else now
-            if track.kind == "video":
+            if isinstance(frame, av.VideoFrame):
                 if self.first_frame_at is None:
                     self.first_frame_at = now
                 rec.video_t.append(now)
                 rec.video_net_t.append(net_t)
-                rec.video_pts.append(int(frame.pts))
+                rec.video_pts.append(int(frame.pts or 0))
                 if (self.record_mouth and box) or (self.record_face and face):
                     luma = frame.to_ndarray(format="gray")
                 if self.record_mouth and box:
@@ -333,15 +283,11 @@ class AvatarClient(SessionCalls):
                 if self.record_face and face:
                     x0, y0, x1, y1 = face
                     rec.faces.append(luma[y0:y1, x0:x1].copy())
-            else:
-                pcm = frame.to_ndarray()
-                channels = len(frame.layout.channels)
-                pcm = pcm.reshape(-1, channels).mean(axis=1) if not frame.format.is_planar \
-                    else pcm.reshape(channels, -1).mean(axis=0)
+            elif isinstance(frame, av.AudioFrame):
                 rec.audio_t.append(now)
                 rec.audio_net_t.append(net_t)
-                rec.audio_pts.append(int(frame.pts))
-                rec.audio.append((pcm / 32768.0).astype(np.float32))
+                rec.audio_pts.append(int(frame.pts or 0))
+                rec.audio.append(frame_to_mono(frame))
 
     async def wait_event(
         self, kind: str, predicate: Callable[[dict[str, Any]], bool] | None = None

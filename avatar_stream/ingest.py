@@ -13,9 +13,6 @@ import itertools
 import av
 import numpy as np
 import soxr
-from aiortc import RTCPeerConnection
-from aiortc.jitterbuffer import JitterBuffer, JitterFrame
-from aiortc.rtp import RtpPacket
 
 from .engines.base import SAMPLE_RATE
 
@@ -153,33 +150,3 @@ class LiveSpeechGate:
         if self.current is not None:
             self._cancelled = True
             self.current = None
-
-
-class ImmediateAudioBuffer(JitterBuffer):
-    """A receive buffer that hands each audio packet on as soon as it arrives.
-
-    aiortc's audio jitter buffer holds 4 packets back before releasing one (80-100 ms of
-    20 ms Opus frames), which is most of the echo-latency floor. Each Opus packet is a
-    whole frame, so there is nothing to reassemble: release it now and drop packets that
-    arrive after a newer one (late or duplicated); the speech queue absorbs the jitter.
-    """
-
-    def __init__(self) -> None:
-        super().__init__(capacity=16)
-        self._last_seq: int | None = None
-
-    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
-        seq = packet.sequence_number
-        if self._last_seq is not None and not 0 < (seq - self._last_seq) % 65536 < 32768:
-            return False, None
-        self._last_seq = seq
-        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
-
-
-def receive_audio_immediately(pc: RTCPeerConnection) -> None:
-    """Give the peer connection's audio receivers an ImmediateAudioBuffer (call after
-    setRemoteDescription, before media flows)."""
-    for transceiver in pc.getTransceivers():
-        if transceiver.kind == "audio":
-            # aiortc has no public setting for this; the attribute is name-mangled
-            transceiver.receiver._RTCRtpReceiver__jitter_buffer = ImmediateAudioBuffer()

@@ -20,6 +20,7 @@ import secrets
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+import av
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
@@ -27,7 +28,8 @@ from aiortc.rtcdatachannel import RTCDataChannel
 from .config import ServerConfig
 from .engines.base import Avatar, Engine, EngineStream
 from .ice import filter_candidates, rtc_configuration
-from .ingest import LiveSpeechGate, Resampler, frame_to_mono, receive_audio_immediately
+from .ingest import LiveSpeechGate, Resampler, frame_to_mono
+from .jitterbuffer import receive_audio_immediately
 from .metrics import Metrics
 from .speech import SpeechInput, SpeechProtocol
 from .speechqueue import SpeechQueue, SpeechQueueFull
@@ -107,9 +109,10 @@ class Session:
         kinds = [t.kind for t in self.pc.getTransceivers()]
         if "video" not in kinds:
             raise OfferError("the offer has no video m-line to receive the avatar on")
-        self.stream, _ = await self.worker.run(self.engine.open_stream, self.avatar)
+        stream, _ = await self.worker.run(self.engine.open_stream, self.avatar)
+        self.stream = stream
         self.sync = Synchronizer(
-            self.stream, self.worker, self.speech, self.video, self.audio, self.emit,
+            stream, self.worker, self.speech, self.video, self.audio, self.emit,
             on_step=self.metrics.engine_step.observe if self.metrics else None,
         )
         self.pc.addTrack(self.video)
@@ -195,6 +198,8 @@ class Session:
                 frame = await track.recv()
             except MediaStreamError:
                 return
+            if not isinstance(frame, av.AudioFrame):
+                continue
             pcm = resample(frame_to_mono(frame), frame.sample_rate)
             for utterance, samples in self.gate.feed(pcm, self.speech.seconds):
                 self.touch()

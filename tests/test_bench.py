@@ -8,10 +8,10 @@ import sys
 
 import numpy as np
 import pytest
+from echo_peer import echo_peer
 
 from avatar_stream.bench import analysis as A
 from avatar_stream.bench.runner import run_session
-from echo_peer import echo_peer
 
 
 def chunked(samples: np.ndarray, t0: float, rate: int = 48000, n: int = 960, jitter: float = 0.0,

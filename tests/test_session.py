@@ -49,7 +49,7 @@ async def test_speech_comes_back_in_sync_with_a_moving_mouth(server, speech48k) 
 
     # video: >= 20 fps over the run, timestamps strictly increasing
     assert rec.fps() >= 20, rec.fps()
-    assert all(b > a for a, b in zip(rec.video_pts, rec.video_pts[1:]))
+    assert np.all(np.diff(rec.video_pts) > 0)
     assert rec.video_pts[-1] - rec.video_pts[0] >= 3600 * (len(rec.video_pts) - 1)
     assert finished["interrupted"] is False and finished["position_s"] > 0.5 * speech_s
 

@@ -22,7 +22,7 @@ def frame_envelope(
     hop = int(rate * hop_s)
     ts: list[float] = []
     rms: list[float] = []
-    for t, frame in zip(times, frames):
+    for t, frame in zip(times, frames, strict=True):
         for j in range(len(frame) // hop):
             block = frame[j * hop : (j + 1) * hop].astype(np.float64)
             ts.append(t + j * hop_s)
@@ -81,7 +81,7 @@ def _lag_range(min_lag_s: float, max_lag_s: float, hop_s: float) -> np.ndarray:
 
 
 def _peak(lags: np.ndarray, scores: np.ndarray, hop_s: float) -> tuple[float, float]:
-    """The best-scoring lag, refined with a parabola through its neighbours (finer than the grid)."""
+    """The best-scoring lag, refined by a parabola through its neighbours (finer than the grid)."""
     if not np.isfinite(scores).any():
         return float("nan"), float("nan")
     i = int(np.nanargmax(scores))

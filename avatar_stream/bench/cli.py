@@ -152,7 +152,8 @@ def engine_only(args: argparse.Namespace) -> int:
     print(f"{engine.name} engine, one core, {result['frames']} frames of speech:")
     print(f"  {result['ms_p50']:.2f} ms per frame p50, {result['ms_p95']:.2f} p95, "
           f"{result['ms_max']:.2f} max; {result['cpu_ms_per_frame']:.2f} ms CPU per frame")
-    print(f"  {result['fps']:.0f} fps = {result['realtime_streams']:.1f} real-time streams per core")
+    print(f"  {result['fps']:.0f} fps = {result['realtime_streams']:.1f} real-time streams "
+          "per core")
     if args.json:
         report.write_json(args.json, {"engine_only": result})
     return 0

@@ -183,7 +183,7 @@ def measure(client: AvatarClient, script: Script, speech: np.ndarray) -> Session
         mouth=mouth_w,
         av_offset=offsets,
         frame_intervals=intervals,
-        pts_monotonic=all(b > a for a, b in zip(rec.video_pts, rec.video_pts[1:])),
+        pts_monotonic=bool(np.all(np.diff(rec.video_pts) > 0)),
         fps=rec.fps(),
         interrupt_to_silence=_interrupt_delays(rec.audio_t, rec.audio, script.interrupts),
         interrupt_to_silence_net=_interrupt_delays(rec.audio_net_t, rec.audio,

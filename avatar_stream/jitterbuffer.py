@@ -1,0 +1,101 @@
+"""Receive buffers for aiortc's RTP receivers, and the one place that swaps them in.
+
+aiortc gives a receiver's jitter buffer no public setting, so ``replace`` sets its private
+attribute; everything that changes how we receive goes through it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections import deque
+from collections.abc import Callable
+
+from aiortc import RTCPeerConnection
+from aiortc.jitterbuffer import JitterBuffer, JitterFrame
+from aiortc.rtcrtpreceiver import RTCRtpReceiver
+from aiortc.rtp import RtpPacket
+
+
+def current(receiver: RTCRtpReceiver) -> JitterBuffer:
+    return receiver._RTCRtpReceiver__jitter_buffer  # type: ignore[attr-defined,no-any-return]
+
+
+def replace(receiver: RTCRtpReceiver, buffer: JitterBuffer) -> None:
+    """Swap a receiver's jitter buffer (after setRemoteDescription, before media flows)."""
+    receiver._RTCRtpReceiver__jitter_buffer = buffer  # type: ignore[attr-defined]
+
+
+class ImmediateAudioBuffer(JitterBuffer):
+    """A receive buffer that hands each audio packet on as soon as it arrives.
+
+    aiortc's audio jitter buffer holds 4 packets back before releasing one (80-100 ms of
+    20 ms Opus frames), which is most of the echo-latency floor. Each Opus packet is a
+    whole frame, so there is nothing to reassemble: release it now and drop packets that
+    arrive after a newer one (late or duplicated); the speech queue absorbs the jitter.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(capacity=16)
+        self._last_seq: int | None = None
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        seq = packet.sequence_number
+        if self._last_seq is not None and not 0 < (seq - self._last_seq) % 65536 < 32768:
+            return False, None
+        self._last_seq = seq
+        return False, JitterFrame(data=packet._data, timestamp=packet.timestamp)  # type: ignore[attr-defined]
+
+
+def receive_audio_immediately(pc: RTCPeerConnection) -> None:
+    """Give the peer connection's audio receivers an ImmediateAudioBuffer."""
+    for transceiver in pc.getTransceivers():
+        if transceiver.kind == "audio":
+            replace(transceiver.receiver, ImmediateAudioBuffer())
+
+
+class ArrivalRecordingBuffer(JitterBuffer):
+    """aiortc's own jitter buffer, noting when each frame's last packet came off the network.
+
+    A receiver's buffering delays audio and video by different amounts (aiortc holds audio
+    back 4 packets, video one frame); a lip-syncing receiver undoes that with RTCP. The
+    network arrival times say what the sender put on the wire, independent of this
+    client's buffers.
+    """
+
+    def __init__(
+        self, capacity: int, prefetch: int = 0, is_video: bool = False,
+        swallow: Callable[[float, int], None] | None = None,
+    ) -> None:
+        super().__init__(capacity, prefetch=prefetch, is_video=is_video)
+        self._arrived: dict[int, float] = {}
+        self.frames_out: deque[float] = deque(maxlen=256)
+        # with ``swallow`` set, complete frames are reported to it (arrival time, RTP
+        # timestamp) and never decoded: a load generator need not pay for decoding
+        self._swallow = swallow
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        self._arrived[packet.timestamp] = time.perf_counter()
+        pli, frame = super().add(packet)
+        if frame is not None:
+            arrived = self._arrived.pop(frame.timestamp, time.perf_counter())
+            if len(self._arrived) > 512:  # timestamps of frames that never completed
+                self._arrived.clear()
+            if self._swallow is not None:
+                self._swallow(arrived, frame.timestamp)
+                return pli, None
+            self.frames_out.append(arrived)
+        return pli, frame
+
+
+def record_arrivals(
+    pc: RTCPeerConnection, swallow_video: Callable[[float, int], None] | None = None
+) -> dict[str, ArrivalRecordingBuffer]:
+    """Swap each receiver's jitter buffer for a recording one with the same settings."""
+    buffers = {}
+    for transceiver in pc.getTransceivers():
+        old = current(transceiver.receiver)
+        swallow = swallow_video if transceiver.kind == "video" else None
+        new = ArrivalRecordingBuffer(old.capacity, old._prefetch, old._is_video, swallow)
+        replace(transceiver.receiver, new)
+        buffers[transceiver.kind] = new
+    return buffers
