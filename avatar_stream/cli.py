@@ -10,6 +10,8 @@ from .config import IceServer, ServerConfig
 from .engines.flashhead_config import add_cli_options as add_flashhead_options
 from .engines.flashhead_config import engine_options
 from .routing import add_cli_options as add_replica_options
+from .serve_options import add_cli_options as add_speech_options
+from .serve_options import config_options as speech_options
 from .turn import add_cli_options as add_turn_options
 
 
@@ -34,6 +36,7 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     add_flashhead_options(p)
     add_turn_options(p)
     add_replica_options(p)
+    add_speech_options(p)
     p.add_argument("-v", "--verbose", action="store_true", help="debug logging")
 
 
@@ -68,6 +71,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         turn_ttl_s=args.turn_ttl,
         advertise=args.advertise,
         peers=args.peers,
+        **speech_options(args),
     )
 
 
