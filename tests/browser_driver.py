@@ -9,7 +9,8 @@ JSON result; the caller does the asserting.
 Scenario (``--scenario full``): wait for /healthz, open ``/?autoconnect=1&mic=1`` with the fake
 microphone playing ``--wav`` in a loop, wait for "connected" and the ``ready`` event, then
 measure windows: mic speech, mic off (silence), a local file spoken through the file input,
-then Interrupt and Disconnect; last, an offer the server refuses (unknown avatar).
+then Interrupt, text typed into the say box, and Disconnect; last, an offer the server
+refuses (unknown avatar).
 ``--scenario static`` only loads the page and screenshots it.
 """
 
@@ -135,6 +136,28 @@ def run_full(page, args, out: dict) -> None:
     out["after_interrupt"] = measure(page, 2)
     out["events_after_file"] = page.evaluate(
         "(n) => window.avatarClient.events.slice(n).filter(e => e.type !== 'stats')", n_events
+    )
+    # Say: text typed into the page, spoken through the server's TTS (espeak-ng).
+    n_events = len(page.evaluate("() => window.avatarClient.events"))
+    page.fill("#say-text", "This sentence was typed into the page.")
+    page.click("#say-button")
+    page.wait_for_function(
+        "(n) => window.avatarClient.events.slice(n).some(e => e.type === 'speech.started')",
+        arg=n_events, timeout=10_000,
+    )
+    out["say"] = measure(page, 1.5)
+    page.wait_for_function(
+        "(n) => window.avatarClient.events.slice(n).some(e => e.type === 'speech.finished')",
+        arg=n_events, timeout=10_000,
+    )
+    out["events_after_say"] = page.evaluate(
+        "(n) => window.avatarClient.events.slice(n).filter(e => e.type !== 'stats')", n_events
+    )
+    out["session_info"] = page.evaluate(
+        """() => ({token: window.avatarClient.token,
+                   shown: !document.getElementById('session-info').hidden,
+                   command: document.getElementById('session-cmd').textContent,
+                   sayText: document.getElementById('say-text').value})"""
     )
 
     out["before_disconnect"] = client_state(page)

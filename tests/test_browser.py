@@ -184,6 +184,15 @@ def test_browser_client_end_to_end(netns, server, speech_wav, tmp_path):
     ), f"no interrupted speech.finished: {after_file}" + context()
     assert after["mean_rms"] < file_["mean_rms"] / 10, f"still speaking: {after}" + context()
 
+    # Text typed into the say box is spoken (server-side TTS) and plays to its end; the
+    # page shows the session token a script can drive the session with.
+    said, info = res["events_after_say"], res["session_info"]
+    print(f"  say: avatar audio mean RMS {res['say']['mean_rms']}; events {said}")
+    assert res["say"]["mean_rms"] > 0.01, f"say not heard: {res['say']}" + context()
+    assert any(e["type"] == "speech.finished" and e.get("interrupted") is False for e in said)
+    assert info["shown"] and info["token"] and info["token"] in info["command"], info
+    assert info["sayText"] == "", info  # the box is cleared once the server accepted it
+
     # No error events from the server, no client-side failures, no script errors.
     events = res["before_disconnect"]["events"]
     errors = [e for e in events if e.get("type") == "error"]

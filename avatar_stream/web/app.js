@@ -4,7 +4,10 @@
 // /v1/sessions, DELETE /v1/sessions/{id} to hang up. Events and control travel on the
 // "control" data channel. Tests and automation read `window.avatarClient`.
 // Query options: ?autoconnect=1 connects on load, ?mic=1 starts with the mic on,
-// ?avatar=ID picks an avatar.
+// ?avatar=ID picks an avatar. A server started with --api-key needs the key: pass it in the
+// fragment (#key=KEY: a fragment is never sent to the server or logged). The session token
+// the server returns is used for this session's calls (DELETE, interrupt, say) and shown so
+// a script can drive the session (examples/voice_assistant.py).
 "use strict";
 
 (() => {
@@ -15,6 +18,7 @@
   const client = {
     state: "idle", // idle | connecting | connected | disconnected | failed | closed
     sessionId: null,
+    token: null, // this session's token: enough for its own calls, nothing else
     events: [], // every JSON message received on the data channel, in order
     errors: [], // client-side failures (signalling, decoding, permissions)
     framesReceived: 0, // video frames presented (requestVideoFrameCallback)
@@ -27,9 +31,11 @@
     interrupt,
     setMic,
     playFile,
+    say,
   };
   window.avatarClient = client;
 
+  const apiKey = new URLSearchParams(location.hash.slice(1)).get("key");
   const MAX_EVENTS = 1000;
   const MAX_LEVELS = 6000; // 10 minutes of 100 ms values
   const ICE_GATHER_TIMEOUT_MS = 5000;
@@ -105,14 +111,39 @@
     $("disconnect").disabled = !live;
     $("interrupt").disabled = !live;
     $("play-file").disabled = !live || !fileBuffer;
+    $("say-button").disabled = !live || !client.sessionId;
     $("mic").textContent = client.micOn ? "Mic on" : "Mic off";
     $("mic").setAttribute("aria-pressed", String(client.micOn));
+  }
+
+  // ---- credentials -----------------------------------------------------------------------
+  // Server-wide calls carry the API key (if any); this session's calls carry its token.
+  function keyHeaders(extra = {}) {
+    return apiKey ? { ...extra, Authorization: `Bearer ${apiKey}` } : extra;
+  }
+  function sessionHeaders(extra = {}) {
+    const credential = client.token || apiKey;
+    return credential ? { ...extra, Authorization: `Bearer ${credential}` } : extra;
+  }
+
+  function showSession() {
+    const box = $("session-info");
+    if (!client.sessionId) {
+      box.hidden = true;
+      return;
+    }
+    $("session-id").textContent = client.sessionId;
+    $("session-token").textContent = client.token || "(none)";
+    $("session-cmd").textContent =
+      `python examples/voice_assistant.py --server ${location.origin} ` +
+      `--session ${client.sessionId}` + (client.token ? ` --token ${client.token}` : "");
+    box.hidden = false;
   }
 
   // ---- connect / disconnect --------------------------------------------------------------
   async function iceServers() {
     try {
-      const r = await fetch("/v1/config");
+      const r = await fetch("/v1/config", { headers: keyHeaders() });
       if (!r.ok) throw new Error(`HTTP ${r.status}`);
       const cfg = await r.json();
       return Array.isArray(cfg.ice_servers) ? cfg.ice_servers : [];
@@ -189,6 +220,8 @@
     client.events = [];
     client.errors = [];
     client.sessionId = null;
+    client.token = null;
+    showSession();
     setState("connecting");
     audio();
     try {
@@ -248,26 +281,38 @@
     if (avatar) body.avatar = avatar;
     const r = await fetch("/v1/sessions", {
       method: "POST",
-      headers: { "Content-Type": "application/json" },
+      headers: keyHeaders({ "Content-Type": "application/json" }),
       body: JSON.stringify(body),
     });
     const reply = await r.json().catch(() => ({}));
     if (!r.ok) throw new Error(`POST /v1/sessions: HTTP ${r.status}: ${reply.error || "?"}`);
     if (pc !== peer) {
       // Disconnect was pressed while the POST was in flight: end the new session too.
-      if (reply.session_id) fetch(`/v1/sessions/${reply.session_id}`, { method: "DELETE" });
+      if (reply.session_id) {
+        const headers = reply.token ? { Authorization: `Bearer ${reply.token}` } : keyHeaders();
+        fetch(`/v1/sessions/${reply.session_id}`, { method: "DELETE", headers });
+      }
       return;
     }
     client.sessionId = reply.session_id;
+    client.token = reply.token || null;
     log(`session ${reply.session_id}`);
+    showSession();
+    refreshButtons();
     await peer.setRemoteDescription({ type: "answer", sdp: reply.sdp });
   }
 
   // Best-effort DELETE without waiting (failure paths and page unload).
   function endSession() {
     if (!client.sessionId) return;
-    fetch(`/v1/sessions/${client.sessionId}`, { method: "DELETE", keepalive: true }).catch(() => {});
+    fetch(`/v1/sessions/${client.sessionId}`, {
+      method: "DELETE",
+      keepalive: true,
+      headers: sessionHeaders(),
+    }).catch(() => {});
     client.sessionId = null;
+    client.token = null;
+    showSession();
   }
 
   async function disconnect() {
@@ -275,7 +320,7 @@
     const id = client.sessionId;
     if (id) {
       try {
-        const r = await fetch(`/v1/sessions/${id}`, { method: "DELETE" });
+        const r = await fetch(`/v1/sessions/${id}`, { method: "DELETE", headers: sessionHeaders() });
         log(`DELETE session: HTTP ${r.status}`);
       } catch (e) {
         log(`DELETE session failed: ${e.message}`, "error");
@@ -339,12 +384,49 @@
     if (!client.sessionId) return;
     // Data channel not open (yet): the HTTP route does the same.
     try {
-      const r = await fetch(`/v1/sessions/${client.sessionId}/interrupt`, { method: "POST" });
+      const r = await fetch(`/v1/sessions/${client.sessionId}/interrupt`, {
+        method: "POST",
+        headers: sessionHeaders(),
+      });
       log(`POST interrupt: HTTP ${r.status}`);
     } catch (e) {
       fail(`POST interrupt: ${e.message}`);
     }
   }
+
+  // ---- say: text through the server's TTS -----------------------------------------------
+  // Returns the server's reply ({utterance_id, queued_s, ...}) or null on failure.
+  async function say(text) {
+    text = (text || "").trim();
+    if (!text || !client.sessionId) return null;
+    const button = $("say-button");
+    button.disabled = true;
+    log(`→ say "${text.length > 60 ? text.slice(0, 57) + "…" : text}"`);
+    try {
+      const r = await fetch(`/v1/sessions/${client.sessionId}/say`, {
+        method: "POST",
+        headers: sessionHeaders({ "Content-Type": "application/json" }),
+        body: JSON.stringify({ text }),
+      });
+      const reply = await r.json().catch(() => ({}));
+      if (!r.ok) {
+        fail(`say: HTTP ${r.status}: ${reply.error || "?"}`);
+        return null;
+      }
+      log(`say queued ${reply.queued_s} s as ${reply.utterance_id} (${reply.tts})`);
+      return reply;
+    } catch (e) {
+      fail(`say: ${e.message}`);
+      return null;
+    } finally {
+      refreshButtons();
+    }
+  }
+
+  $("say-form").onsubmit = async (ev) => {
+    ev.preventDefault();
+    if (await say($("say-text").value)) $("say-text").value = "";
+  };
 
   // ---- remote media ----------------------------------------------------------------------
   function onTrack(ev) {
