@@ -338,8 +338,8 @@ class AvatarClient(SessionCalls):
 
     async def end_utterance(self, utterance_id: str, via: str = "http") -> None:
         """No more audio for this utterance (it plays to its end, then speech.finished)."""
-        if via == "datachannel":
-            await self._dc_send_text(json.dumps({"type": "end", "utterance_id": utterance_id}))
+        if via == "datachannel":  # after the audio already sent there
+            await self._sender.end(utterance_id)
         else:
             await self.end_utterance_http(utterance_id)
 

@@ -145,6 +145,7 @@ class SpeechSender:
         self.drain = drain
         self._lock = asyncio.Lock()  # one utterance at a time on a channel
         self._replies: asyncio.Queue[Event] = asyncio.Queue()
+        self._open: tuple[str, int, int] | None = None  # the utterance the channel has open
 
     def on_message(self, event: Event) -> None:
         """Feed every event the channel receives (acks and errors are picked out)."""
@@ -155,25 +156,37 @@ class SpeechSender:
         self, pcm16: bytes, rate: int, channels: int, utterance_id: str | None, end: bool
     ) -> str:
         async with self._lock:
-            while not self._replies.empty():  # stale replies of earlier pushes
-                self._replies.get_nowait()
-            start: Event = {"type": "start", "sample_rate": rate, "channels": channels}
-            if utterance_id is not None:
-                start["utterance_id"] = utterance_id
-            await self.send_text(json.dumps(start))
-            ack = await self._reply("start")
-            uid = str(ack["utterance_id"])
+            self._raise_pending()  # what the server said about earlier pieces
+            if self._open is None or utterance_id is None or \
+                    self._open != (utterance_id, rate, channels):
+                # a new utterance (or a new format): start it; a further piece of the open
+                # one needs no start
+                start: Event = {"type": "start", "sample_rate": rate, "channels": channels}
+                if utterance_id is not None:
+                    start["utterance_id"] = utterance_id
+                await self.send_text(json.dumps(start))
+                ack = await self._reply("start")
+                self._open = (str(ack["utterance_id"]), rate, channels)
+            uid = self._open[0]
             step = CHUNK_BYTES - CHUNK_BYTES % (2 * channels)
             for i in range(0, len(pcm16), step):
                 if self.drain is not None:
                     await self.drain()
                 await self.send_bytes(pcm16[i : i + step])
             if end:
-                await self.send_text(json.dumps({"type": "end", "utterance_id": uid}))
-                await self._reply("end")
-            else:
-                self._raise_pending()
+                await self._end(uid)
             return uid
+
+    async def end(self, utterance_id: str) -> None:
+        """End an utterance on this channel, after the audio already sent on it."""
+        async with self._lock:
+            await self._end(utterance_id)
+
+    async def _end(self, utterance_id: str) -> None:
+        if self._open is not None and self._open[0] == utterance_id:
+            self._open = None
+        await self.send_text(json.dumps({"type": "end", "utterance_id": utterance_id}))
+        await self._reply("end")
 
     async def _reply(self, of: str) -> Event:
         deadline = time.monotonic() + ACK_TIMEOUT_S
@@ -364,8 +377,13 @@ class SessionControl(SessionCalls):
         pcm16, rate, ch = stream_pcm16(audio, rate, channels)
         return await self._sender.send(pcm16, rate, ch, utterance_id, end)
 
-    async def end_utterance(self, utterance_id: str) -> bool:
-        return await self.end_utterance_http(utterance_id)
+    async def end_utterance(self, utterance_id: str, via: str = "ws") -> None:
+        """No more audio for this utterance. Over the WebSocket (default) the end follows
+        the audio already sent there; over HTTP it could overtake it."""
+        if via == "ws" and self._sender is not None and self.connected:
+            await self._sender.end(utterance_id)
+        else:
+            await self.end_utterance_http(utterance_id)
 
     async def interrupt(self) -> None:
         """Barge in (over the WebSocket when open, else HTTP)."""

@@ -54,7 +54,7 @@ class Session:
         on_closed: Callable[[Session], None] | None = None,
         metrics: Metrics | None = None,
     ) -> None:
-        self.id = secrets.token_urlsafe(12)
+        self.id = secrets.token_hex(12)  # hex: safe in URLs and as a command-line argument
         self.avatar = avatar
         self.engine = engine
         self.worker = worker

@@ -136,7 +136,7 @@
     $("session-token").textContent = client.token || "(none)";
     $("session-cmd").textContent =
       `python examples/voice_assistant.py --server ${location.origin} ` +
-      `--session ${client.sessionId}` + (client.token ? ` --token ${client.token}` : "");
+      `--session=${client.sessionId}` + (client.token ? ` --token=${client.token}` : "");
     box.hidden = false;
   }
 

@@ -1,0 +1,55 @@
+"""examples/voice_assistant.py, run as a user would, drives a session a real aiortc client
+(standing in for the browser) holds: its lines come back as the avatar's speech."""
+
+from __future__ import annotations
+
+import asyncio
+import sys
+from pathlib import Path
+
+import pytest
+from aiohttp import web
+from speechtools import events, until
+from test_tts import StandInTTS
+
+from avatar_stream.client import AvatarClient
+from avatar_stream.config import ServerConfig
+from avatar_stream.server import running_server
+
+ROOT = Path(__file__).resolve().parent.parent
+pytestmark = [pytest.mark.timeout(90)]
+
+
+@pytest.mark.parametrize("via, tts", [("ws", "espeak"), ("http", "espeak"), ("ws", "endpoint")])
+async def test_voice_assistant_example_drives_a_watched_session(via, tts) -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"])
+    stand_in = StandInTTS()  # an OpenAI-compatible TTS endpoint on 127.0.0.1 (test_tts.py)
+    app = web.Application()
+    app.router.add_post("/v1/audio/speech", stand_in.speech)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    tts_args = ["--tts-url", f"http://127.0.0.1:{runner.addresses[0][1]}/v1/audio/speech"] \
+        if tts == "endpoint" else []
+    async with running_server(config) as (url, state), \
+            AvatarClient(url, record_mouth=False) as watcher:
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable, str(ROOT / "examples" / "voice_assistant.py"),
+            "--server", url, "--session", watcher.session_id, "--token", watcher.token,
+            "--via", via, *tts_args, "Hello from the example.", "And a second line.",
+            stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+        )
+        out, _ = await asyncio.wait_for(proc.communicate(), 60)
+    await runner.cleanup()
+    text = out.decode()
+    print(text)
+    assert proc.returncode == 0, text
+    rec = watcher.received
+    assert await until(lambda: len(events(rec, "speech.finished")) >= 2, 5)
+    if tts == "endpoint":
+        assert [body["input"] for body, _ in stand_in.requests] == \
+            ["Hello from the example.", "And a second line."]
+    finished = [e for _, e in events(rec, "speech.finished")]
+    assert [e["utterance_id"] for e in finished] == ["line-1", "line-2"]
+    assert all(not e["interrupted"] and e["position_s"] > 0.8 for e in finished), finished
+    assert "[line-2] played" in text
