@@ -298,7 +298,7 @@ class SessionControl(SessionCalls):
         self.token = token
         self.api_key = api_key
         self._http: aiohttp.ClientSession | None = None
-        self._ws: aiohttp.ClientWebSocketResponse | None = None
+        self._ws: aiohttp.ClientWebSocketResponse[Any] | None = None
         self._reader: asyncio.Task[None] | None = None
         self.hub = EventHub()
         self.received: list[tuple[float, Event]] = []
@@ -317,12 +317,11 @@ class SessionControl(SessionCalls):
         """Open the WebSocket (raises RequestError: 401/403 token, 404/410 session)."""
         self._http = aiohttp.ClientSession()
         try:
-            self._ws = await self._http.ws_connect(self._url("/ws"), headers=self._auth(),
-                                                   heartbeat=30)
+            ws = await self._http.ws_connect(self._url("/ws"), headers=self._auth(), heartbeat=30)
         except aiohttp.WSServerHandshakeError as exc:
             await self._http.close()
             raise RequestError(exc.status, f"WebSocket refused: {exc.message}") from None
-        ws = self._ws
+        self._ws = ws
         self._sender = SpeechSender(ws.send_str, ws.send_bytes)
         self._reader = asyncio.create_task(self._read())
 
