@@ -255,8 +255,12 @@ def _require_server(request: web.Request) -> None:
         raise _auth_error(exc) from None
 
 
-def _session(request: web.Request, allow_query_token: bool = False) -> Session:
-    """The session named in the path, if the caller may use it (401/403), else 404/410."""
+def _session(request: web.Request, allow_query_token: bool = False, touch: bool = True
+             ) -> Session:
+    """The session named in the path, if the caller may use it (401/403), else 404/410.
+
+    ``touch``: the call counts as activity for the idle timeout (reading stats does not,
+    so a monitor polling a session does not keep it alive)."""
     state = request.app[STATE]
     sid = request.match_info["id"]
     try:
@@ -269,7 +273,8 @@ def _session(request: web.Request, allow_query_token: bool = False) -> Session:
         if reason is not None:
             raise HTTPJSONError(410, f"session {sid!r} has ended ({reason})")
         raise HTTPJSONError(404, f"unknown session {sid!r}")
-    session.touch()
+    if touch:
+        session.touch()
     return session
 
 
@@ -424,7 +429,7 @@ async def list_sessions(request: web.Request) -> web.Response:
 
 
 async def get_session(request: web.Request) -> web.Response:
-    return web.json_response(_session(request).stats())
+    return web.json_response(_session(request, touch=False).stats())
 
 
 async def delete_session(request: web.Request) -> web.Response:
@@ -564,12 +569,16 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     # aiohttp refuses a message of exactly max_msg_size: the limit itself must pass
     ws = web.WebSocketResponse(max_msg_size=state.config.max_ws_message_bytes + 1, heartbeat=30)
     outbox: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=WS_OUTBOX)
+    too_slow: list[bool] = []  # set once: the close for a stuck reader is under way
     write_task: asyncio.Task[None] | None = None
 
     def send(event: Event) -> None:
+        if ws.closed or outbox.full() and too_slow:
+            return
         try:
             outbox.put_nowait(event)
         except asyncio.QueueFull:  # a reader this slow is gone or stuck: let it go
+            too_slow.append(True)
             log.warning("session %s: WebSocket reader too slow; closing it", session.id)
             asyncio.get_running_loop().create_task(ws.close(code=1008, message=b"too slow"))
 
