@@ -116,11 +116,13 @@ async def load_state(config: ServerConfig) -> ServerState:
     avatar = await loop.run_in_executor(None, engine.prepare, image, DEFAULT_AVATAR)
     await loop.run_in_executor(None, engine.warm_up)
     threads = config.engine_threads or engine.worker_threads
+    cpu_threads = 0  # CPU engines: their pool is the CPU pool
     if engine.worker_threads == 1:
-        threads = 1
+        threads, cpu_threads = 1, 2  # the device thread, and CPU threads for device-free idle
     else:
         cv2.setNumThreads(1)  # parallelism comes from sessions, not from inside a frame
-    state = ServerState(config, engine, EngineWorker(threads), {DEFAULT_AVATAR: avatar})
+    worker = EngineWorker(threads, cpu_threads)
+    state = ServerState(config, engine, worker, {DEFAULT_AVATAR: avatar})
     state.tts = create_tts(config)
     return state
 

@@ -20,6 +20,7 @@ import asyncio
 import contextlib
 import fractions
 import logging
+import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -99,9 +100,8 @@ class Synchronizer:
         self.emit = emit
         self.on_step = on_step
         self.frames_per_step = stream.frames_per_step
-        # frames that may wait made-but-unsent: one step plus a little lead for speech
-        # that arrives ahead of playout
-        self.max_queued = self.frames_per_step + lead_frames
+        self.idle_frames = stream.idle_frames_per_step or stream.frames_per_step
+        self.lead_frames = lead_frames
         self.late_wait_s = late_wait_s
         self.clock = MediaClock(FPS)
         self.stats = SyncStats()
@@ -116,6 +116,10 @@ class Synchronizer:
         self._wake_producer = asyncio.Event()
         self._produced = asyncio.Event()
         self._started: dict[str, int] = {}  # utterance -> 16 kHz samples played so far
+        # smoothed step times, speech and idle apart (a chunked engine's idle is cheap)
+        self._speech_step_s = stream.step_time_hint_s
+        self._idle_step_s = 0.0
+        self._in_utterance = False  # speech steps are under way: no new playout delay
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -162,6 +166,7 @@ class Synchronizer:
         self.stats.interrupts += 1
         self._epoch += 1
         self._reset_pending = True
+        self._in_utterance = False
         cut = list(self._started)
         for item in self._out:
             cut += [s.utterance_id for s in item.segments if s.count]
@@ -189,9 +194,16 @@ class Synchronizer:
 
     # -- producer --------------------------------------------------------------------
 
-    def _margin(self) -> float:
-        """How long before a frame's deadline its step must start."""
-        return 0.012 + 2.0 * self.stats.step_time_s
+    def _margin(self, speech: bool) -> float:
+        """How long before its first frame's deadline a step must start."""
+        return 0.012 + 2.0 * (self._speech_step_s if speech else self._idle_step_s)
+
+    @property
+    def max_queued(self) -> int:
+        """Frames that may wait made-but-unsent: a speech step, what plays out while the
+        next one runs (so a chunked engine starts it in time), and a little lead for
+        speech that arrives ahead of playout."""
+        return self.frames_per_step + math.ceil(self._margin(True) * FPS) + self.lead_frames
 
     async def _wait_producer(self, until: float | None) -> None:
         self._wake_producer.clear()
@@ -211,26 +223,44 @@ class Synchronizer:
             if len(self._out) + self.frames_per_step > self.max_queued:
                 await self._wait_producer(None)
                 continue
-            start_by = self.clock.deadline(self._released + len(self._out)) - self._margin()
-            if self.speech.available < need and self.clock.now() < start_by:
-                # not a full step of speech yet: wait for more, or until we must make a frame
-                if self.speech.waiting_for_more or not self.speech.available:
-                    await self._wait_producer(start_by)
-                    continue
-            speaking = self.speech.available > 0
-            short = speaking and self.speech.available < need and self.speech.waiting_for_more
-            self.stats.speech_gaps += short
-            samples, segments = self.speech.take(need if speaking else 0, pad_front=short)
-            await self._step(samples if speaking else None, segments)
+            first = self.clock.deadline(self._released + len(self._out))
+            speech_by, idle_by = first - self._margin(True), first - self._margin(False)
+            available, more = self.speech.available, self.speech.waiting_for_more
+            # the first step of live speech waits for the engine's playout delay on top
+            hold = 0 if self._in_utterance else int(self.stream.playout_delay_s * SAMPLE_RATE)
+            # a shortfall of up to one idle step's audio is padded; more waits, idling
+            short = need - available <= self.idle_frames * SAMPLES_PER_FRAME
+            paddable = available > 0 and hold == 0 and short
+            now = self.clock.now()
+            if available >= need + hold or (available and not more):
+                samples, segments = self.speech.take(need)  # a full step, or the last of one
+            elif paddable and now >= speech_by:
+                self.stats.speech_gaps += 1  # silence first keeps what follows contiguous
+                samples, segments = self.speech.take(need, pad_front=True)
+            elif now >= idle_by:
+                await self._step(None, self.speech.take(0)[1])
+                continue
+            else:
+                await self._wait_producer(speech_by if paddable else idle_by)
+                continue
+            await self._step(samples, segments)
 
     async def _step(self, speech: np.ndarray | None, segments: list[Segment]) -> None:
         epoch = self._epoch
         if self._reset_pending:
             self._reset_pending = False
             await self.worker.run(self.stream.reset)
-        frames, elapsed = await self.worker.run(self._render, speech)
+        # an idle step that needs no device must not queue behind other sessions' steps
+        on_device = speech is not None or self.stream.idle_uses_device
+        frames, elapsed = await self.worker.run(self._render, speech, on_device=on_device)
         st = self.stats
         st.step_time_s = elapsed if not st.step_time_s else 0.9 * st.step_time_s + 0.1 * elapsed
+        if speech is not None:
+            self._speech_step_s = _smooth(self._speech_step_s, elapsed)
+            self._in_utterance = True
+        else:
+            self._idle_step_s = _smooth(self._idle_step_s, elapsed)
+            self._in_utterance = self._in_utterance and self.speech.waiting_for_more
         st.frames_generated += len(frames)
         if self.on_step:
             self.on_step(elapsed)
@@ -338,6 +368,10 @@ class Synchronizer:
                         "interrupted": False,
                     }
                 )
+
+
+def _smooth(average: float, sample: float) -> float:
+    return sample if not average else 0.9 * average + 0.1 * sample
 
 
 def _i420_frame(yuv: np.ndarray) -> av.VideoFrame:

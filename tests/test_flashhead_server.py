@@ -164,11 +164,5 @@ async def test_pushed_speech_plays_whole_and_in_step(server, speech48k) -> None:
     lag, r = echo_lag(t_push, speech48k, MIC_RATE, rec.audio_t, rec.audio, MIC_RATE,
                       max_lag_s=3.0)
     print(f"pushed speech: first audio after {lag:.2f} s, r={r:.2f}; stats {stats}")
-    if r < 0.8 or stats["fillers"] > 10:
-        # Measured: the synchronizer starts a step only when 2 frames are left queued, so a
-        # 24-frame step lands late by its own run time every time, and the clock slips
-        # (fillers, silence inside the speech). With room for one step time more it gives
-        # r 0.98, lag 0.41 s. That fix is the synchronizer's (see EngineStream hints).
-        pytest.xfail(f"synchronizer starts chunked steps too late: r={r:.2f}, "
-                     f"{stats['fillers']} fillers")
+    assert r >= 0.8 and stats["fillers"] <= 10, (r, stats["fillers"])
     assert 0 < lag < 2.0, lag
