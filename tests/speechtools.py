@@ -75,6 +75,15 @@ def received_between(rec: Received, t0: float, t1: float) -> np.ndarray:
     return np.concatenate([a for _, a in rows]) if rows else np.zeros(0, np.float32)
 
 
+async def ws_reply(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
+    """The next message on a speech WebSocket that answers this connection (ack, error,
+    pong), skipping the session events that may arrive in between."""
+    while True:
+        message = await ws.receive_json(timeout=timeout)
+        if not message["type"].startswith(("speech.", "session.")):
+            return dict(message)
+
+
 AUDIO_AFTER_EVENT_S = 0.6  # the audio of an event's frame arrives ~0.2 s after the event
 
 

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 import pytest_asyncio
 from conftest import espeak
-from speechtools import at_rate, events, until, wait_finished
+from speechtools import at_rate, events, until, wait_finished, ws_reply
 from wavs import tone, wav_bytes
 
 from avatar_stream.client import AvatarClient
@@ -63,9 +63,9 @@ async def test_overflow_is_429_and_nothing_queued_is_lost(server) -> None:
         async with http.ws_connect(f"{url}/v1/sessions/{client.session_id}/ws",
                                    headers={"Authorization": f"Bearer {client.token}"}) as ws:
             await ws.send_json({"type": "start", "sample_rate": 24000, "utterance_id": "ws"})
-            assert (await ws.receive_json())["type"] == "ack"
+            assert (await ws_reply(ws))["type"] == "ack"
             await ws.send_bytes((two * 32767).astype("<i2").tobytes()[:MAX_MESSAGE])
-            error = await ws.receive_json()
+            error = await ws_reply(ws)
             assert error["type"] == "error" and error["code"] == "queue_full"
             await ws.send_json({"type": "end"})
         finished = await wait_finished(client.received, "first", 10, settle=0)
@@ -174,14 +174,14 @@ async def test_bad_input_gets_the_right_4xx_and_the_sessions_stream_on(
                     await ws.send_bytes(message)
                 else:
                     await ws.send_str(message)
-                reply = await ws.receive_json(timeout=5)
+                reply = await ws_reply(ws)
                 assert reply["type"] == "error" and reply["message"], (message, reply)
             await ws.send_json({"type": "start", "sample_rate": 16000, "utterance_id": "ws-ok"})
-            assert (await ws.receive_json())["type"] == "ack"
+            assert (await ws_reply(ws))["type"] == "ack"
             await ws.send_bytes(b"\x00\x01\x02")  # odd length
-            assert (await ws.receive_json())["code"] == "bad_audio"
+            assert (await ws_reply(ws))["code"] == "bad_audio"
             await ws.send_json({"type": "end"})
-            assert (await ws.receive_json())["type"] == "ack"
+            assert (await ws_reply(ws))["type"] == "ack"
             await ws.send_bytes(bytes(MAX_MESSAGE + 2))  # too big: the socket is closed
             closing = await ws.receive(timeout=5)
             assert closing.type in (aiohttp.WSMsgType.CLOSE, aiohttp.WSMsgType.CLOSED,
