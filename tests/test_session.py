@@ -8,6 +8,7 @@ import time
 import numpy as np
 import pytest
 import pytest_asyncio
+from speechtools import until
 
 from avatar_stream.bench.analysis import echo_lag, mouth_motion
 from avatar_stream.client import MIC_RATE, AvatarClient
@@ -23,15 +24,6 @@ async def server():
                           max_sessions=3)
     async with running_server(config) as (url, state):
         yield url, state
-
-
-async def until(predicate, timeout: float, step: float = 0.02) -> bool:
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if predicate():
-            return True
-        await asyncio.sleep(step)
-    return predicate()
 
 
 async def test_speech_comes_back_in_sync_with_a_moving_mouth(server, speech48k) -> None:
