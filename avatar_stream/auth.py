@@ -3,8 +3,8 @@
 - With an API key configured, every ``/v1`` call needs ``Authorization: Bearer <key>``,
   except that a session's own calls (speech, WebSocket, interrupt, say, stats, delete) may
   instead carry that session's token. A front-end can hand a browser one session's token
-  and nothing more. Without an API key ``/v1`` is open, as on a developer's machine, and
-  tokens are still issued (and checked when sent).
+  and nothing more. Without an API key ``/v1`` is open, as on a developer's machine:
+  tokens are still issued, so clients work the same either way, but nothing is checked.
 - A session token is ``<expiry>.<HMAC-SHA256(server secret, session id + expiry)>``: the
   server keeps no table of tokens, a token names one session only, and it stops working
   at its expiry or when the session ends.
@@ -105,19 +105,15 @@ class Guard:
             raise AuthError(401, "wrong API key")
 
     def session(self, creds: Credentials, session_id: str) -> None:
-        """One session's calls: the API key, or that session's token.
-
-        Without an API key the server is open; a token that is sent is still checked,
-        so a client never believes a bad token works.
-        """
+        """One session's calls: the API key, or that session's token (open without a key)."""
+        if self.api_key is None:
+            return
         if creds.bearer is None:
-            if self.api_key is None:
-                return
             raise AuthError(401, "missing credentials: send Authorization: Bearer <session "
                                  "token or API key>")
         if self.is_key(creds):
             return
-        if "." not in creds.bearer and self.api_key is not None:
+        if "." not in creds.bearer:
             raise AuthError(401, "wrong API key or malformed token")
         self.tokens.check(creds.bearer, session_id)
 

@@ -596,8 +596,13 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 await asyncio.wait_for(asyncio.shield(write_task), 1.0)
         await ws.close(code=1000, message=b"session ended")
 
+    def reply(event: Event) -> None:  # to this connection only: acks, pong, its errors
+        if event["type"] == "error":
+            state.metrics.errors.labels("control").inc()
+        send(event)
+
     protocol = SpeechProtocol(
-        session.input, session.interrupt, send,
+        session.input, session.interrupt, reply,
         max_binary_bytes=state.config.max_ws_message_bytes, on_activity=session.touch,
     )
     session.listeners.append(send)  # before the handshake: no event can slip past
