@@ -22,6 +22,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from avatar_stream.bench.analysis import pearson, refine_peak, signal_envelope
 from avatar_stream.engines.base import FPS
 
 HOP_S = 0.005  # loudness envelope grid, and the lag search step
@@ -78,11 +79,9 @@ def loudness_envelope(
     x = np.asarray(speech, dtype=np.float64).reshape(-1)
     if np.issubdtype(np.asarray(speech).dtype, np.integer):
         x = x / 32768.0
-    hop = max(1, int(round(rate * hop_s)))
-    n = len(x) // hop
-    if n == 0:
+    _, rms = signal_envelope(0.0, x, rate, hop_s)
+    if len(rms) == 0:
         return np.zeros(0)
-    rms = np.sqrt(np.mean(x[: n * hop].reshape(n, hop) ** 2, axis=1))
     db = 20.0 * np.log10(rms + 1e-9)
     return np.clip(db - (db.max() - floor_db), 0.0, None)
 
@@ -102,12 +101,6 @@ def _frame_loudness(
         return (cum[i] + (pos - i) * envelope[i]) * hop_s
 
     return (integral(starts + duration) - integral(starts)) / duration
-
-
-def _pearson(a: np.ndarray, b: np.ndarray) -> float:
-    if len(a) < 10 or a.std() == 0 or b.std() == 0:
-        return math.nan
-    return float(np.corrcoef(a, b)[0, 1])
 
 
 def measure_lipsync(
@@ -149,14 +142,7 @@ def measure_lipsync(
     steps = np.arange(-int(round(max_lag_s / HOP_S)), int(round(max_lag_s / HOP_S)) + 1)
     # the mouth shown at t matches the sound at t - lag
     scores = np.array(
-        [_pearson(mouth, _frame_loudness(env, HOP_S, starts - k * HOP_S, duration)) for k in steps]
+        [pearson(mouth, _frame_loudness(env, HOP_S, starts - k * HOP_S, duration)) for k in steps]
     )
-    if not np.isfinite(scores).any():
-        return LipSync(math.nan, math.nan, n, faces)
-    i = int(np.nanargmax(scores))
-    shift = 0.0
-    if 0 < i < len(scores) - 1 and np.isfinite(scores[i - 1 : i + 2]).all():
-        a, b, c = scores[i - 1 : i + 2]
-        if a - 2 * b + c < 0:
-            shift = 0.5 * (a - c) / (a - 2 * b + c)
-    return LipSync(float(scores[i]), float((steps[i] + shift) * HOP_S), n, faces)
+    lag, r = refine_peak(steps, scores, HOP_S)
+    return LipSync(r, lag, n, faces)

@@ -58,7 +58,7 @@ def best_lag(
     Both are on the same grid; the whole overlap is compared at each lag.
     """
     lags = _lag_range(min_lag_s, max_lag_s, hop_s)
-    return _peak(lags, np.array([_pearson(reference, delayed, lag) for lag in lags]), hop_s)
+    return refine_peak(lags, np.array([_pearson(reference, delayed, lag) for lag in lags]), hop_s)
 
 
 def window_lag(
@@ -72,15 +72,15 @@ def window_lag(
     for j, lag in enumerate(lags):
         a, b = i0 + lag, i1 + lag
         if a >= 0 and b <= len(delayed):
-            scores[j] = _pearson(ref, delayed[a:b], 0)
-    return _peak(lags, scores, hop_s)
+            scores[j] = pearson(ref, delayed[a:b])
+    return refine_peak(lags, scores, hop_s)
 
 
 def _lag_range(min_lag_s: float, max_lag_s: float, hop_s: float) -> np.ndarray:
     return np.arange(int(round(min_lag_s / hop_s)), int(round(max_lag_s / hop_s)) + 1)
 
 
-def _peak(lags: np.ndarray, scores: np.ndarray, hop_s: float) -> tuple[float, float]:
+def refine_peak(lags: np.ndarray, scores: np.ndarray, hop_s: float) -> tuple[float, float]:
     """The best-scoring lag, refined by a parabola through its neighbours (finer than the grid)."""
     if not np.isfinite(scores).any():
         return float("nan"), float("nan")
@@ -95,14 +95,18 @@ def _peak(lags: np.ndarray, scores: np.ndarray, hop_s: float) -> tuple[float, fl
 
 
 def _pearson(ref: np.ndarray, sig: np.ndarray, lag: int) -> float:
-    """r between ref[i] and sig[i + lag]."""
+    """r between ref[i] and sig[i + lag] over their overlap."""
     if lag >= 0:
         a, b = ref[: len(ref) - lag] if lag else ref, sig[lag:]
     else:
         a, b = ref[-lag:], sig[: len(sig) + lag]
     n = min(len(a), len(b))
-    a, b = a[:n], b[:n]
-    if n < 10 or a.std() == 0 or b.std() == 0:
+    return pearson(a[:n], b[:n])
+
+
+def pearson(a: np.ndarray, b: np.ndarray) -> float:
+    """Pearson r of two equal-length series; nan when too short or flat."""
+    if len(a) < 10 or a.std() == 0 or b.std() == 0:
         return float("nan")
     return float(np.corrcoef(a, b)[0, 1])
 
