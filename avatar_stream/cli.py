@@ -9,6 +9,7 @@ import sys
 from .config import IceServer, ServerConfig
 from .engines.flashhead_config import add_cli_options as add_flashhead_options
 from .engines.flashhead_config import engine_options
+from .ice import parse_addresses
 from .routing import add_cli_options as add_replica_options
 from .serve_options import add_cli_options as add_speech_options
 from .serve_options import config_options as speech_options
@@ -53,8 +54,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         else IceServer((url,))
         for url in args.ice_server
     ]
-    hosts = [a.strip() for a in args.ice_host_addresses.split(",")] if args.ice_host_addresses \
-        else None
+    hosts = parse_addresses(args.ice_host_addresses)
     return ServerConfig(
         host=args.host,
         port=args.port,

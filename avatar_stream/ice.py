@@ -17,6 +17,12 @@ from .config import IceServer
 _original_get_host_addresses = aioice.ice.get_host_addresses
 
 
+def parse_addresses(text: str | None) -> list[str] | None:
+    """``"127.0.0.1, ::1"`` -> a list; empty or None -> None (every interface)."""
+    addresses = [a.strip() for a in (text or "").split(",") if a.strip()]
+    return addresses or None
+
+
 def restrict_host_addresses(addresses: list[str] | None) -> None:
     """Gather host candidates only on ``addresses`` (None restores every interface)."""
     if addresses is None:

@@ -18,6 +18,7 @@ import numpy as np
 import soxr
 
 from ..client import MIC_RATE
+from ..ice import parse_addresses
 from . import report
 from .runner import SessionResult, progress_printer, run_session, server_or_url
 
@@ -92,7 +93,7 @@ async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Name
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
     speech = load_speech(args.audio)
-    hosts = [a.strip() for a in args.ice_host_addresses.split(",") if a.strip()]
+    hosts = parse_addresses(args.ice_host_addresses) or []
     out: dict[str, Any] = {"speech_s": len(speech) / MIC_RATE, "duration_s": args.duration}
     if args.find_capacity:
         out["capacity"] = await find_capacity(args, speech, hosts)
