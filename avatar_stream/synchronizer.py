@@ -11,7 +11,8 @@ Two tasks share one media clock:
   and its audio therefore leave together, and both tracks carry timestamps of one clock.
 
 Speech is never skipped: when a frame is late the clock slips instead. Barge-in drops
-everything queued, fades the audio now playing over 20 ms, and resets the engine stream.
+everything queued, fades out the audio half-frame still to go over 5 ms, and resets the
+engine stream; the next tick goes out silent on time, never waiting for the reset.
 """
 
 from __future__ import annotations
@@ -45,6 +46,7 @@ OUT_HALF = OUT_SAMPLES_PER_FRAME // 2
 VIDEO_TIME_BASE = fractions.Fraction(1, 90_000)
 VIDEO_PTS_PER_FRAME = 90_000 // FPS  # 3600
 AUDIO_TIME_BASE = fractions.Fraction(1, OUT_RATE)
+FADE_OUT = OUT_RATE * 5 // 1000  # barge-in fade: 5 ms
 
 Event = dict[str, Any]
 
@@ -113,6 +115,7 @@ class Synchronizer:
         self._audio_fifo = np.zeros(0, dtype=np.float32)
         self._epoch = 0
         self._reset_pending = False
+        self._cut = False  # a barge-in came, no frame made since: no speech to wait for
         self._wake_producer = asyncio.Event()
         self._produced = asyncio.Event()
         self._started: dict[str, int] = {}  # utterance -> 16 kHz samples played so far
@@ -166,6 +169,7 @@ class Synchronizer:
         self.stats.interrupts += 1
         self._epoch += 1
         self._reset_pending = True
+        self._cut = True
         self._in_utterance = False
         cut = list(self._started)
         for item in self._out:
@@ -173,9 +177,10 @@ class Synchronizer:
         cut += self.speech.clear()
         self.stats.frames_dropped += len(self._out)
         self._out.clear()
-        if self._pending_half is not None:
-            ramp = np.linspace(1.0, 0.0, len(self._pending_half), dtype=np.float32)
-            self._pending_half = (self._pending_half * ramp).astype(np.int16)
+        if self._pending_half is not None:  # a short fade, so the cut does not click
+            fade = np.zeros(len(self._pending_half), np.float32)
+            fade[:FADE_OUT] = np.linspace(1.0, 0.0, FADE_OUT, dtype=np.float32)
+            self._pending_half = (self._pending_half * fade).astype(np.int16)
         self._upsampler = Resampler(OUT_RATE)
         self._audio_fifo = np.zeros(0, dtype=np.float32)
         cut = list(dict.fromkeys(cut))
@@ -307,9 +312,11 @@ class Synchronizer:
 
     async def _release_frame(self) -> None:
         item = self._out.popleft() if self._out else None
-        if item is None:
-            self.stats.underruns += 1
+        if item is None and not self._cut:  # (after a barge-in there is no speech to
+            self.stats.underruns += 1       # keep contiguous: go silent on time)
             item = await self._wait_for_frame()
+        if item is not None:
+            self._cut = False
         self._wake_producer.set()
         if item is None:  # nothing came in time: show the last picture again, silent
             self.stats.fillers += 1

@@ -2,6 +2,7 @@
 speech they were made from (the real engines are exercised in test_session / test_warp)."""
 
 import asyncio
+import time
 
 import numpy as np
 import pytest
@@ -16,9 +17,10 @@ from avatar_stream.worker import EngineWorker
 class LoudnessStream(EngineStream):
     """Test double: frame brightness = 255 * peak of its speech (0 when idle)."""
 
-    def __init__(self, frames_per_step: int = 1) -> None:
+    def __init__(self, frames_per_step: int = 1, reset_s: float = 0.0) -> None:
         self.frames_per_step = frames_per_step
         self.resets = 0
+        self.reset_s = reset_s  # a stream whose reset takes this long (on the worker)
 
     def step(self, speech):
         frames = np.zeros((self.frames_per_step, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
@@ -28,6 +30,7 @@ class LoudnessStream(EngineStream):
         return frames
 
     def reset(self):
+        time.sleep(self.reset_s)
         self.resets += 1
 
 
@@ -46,12 +49,12 @@ def worker():
     w.shutdown()
 
 
-def make(worker, frames_per_step=1):
+def make(worker, frames_per_step=1, reset_s=0.0, late_wait_s=0.06):
     events: list[dict] = []
     speech = SpeechQueue()
     video, audio = PacedTrack("video", 8), PacedTrack("audio", 16)
-    sync = Synchronizer(LoudnessStream(frames_per_step), worker, speech, video, audio,
-                        events.append)
+    sync = Synchronizer(LoudnessStream(frames_per_step, reset_s), worker, speech, video,
+                        audio, events.append, late_wait_s=late_wait_s)
     return sync, speech, video, audio, events
 
 
@@ -91,15 +94,40 @@ async def test_interrupt_drops_queue_fades_and_reports(worker) -> None:
     _, rest = await asyncio.gather(collect(video, 10), collect(audio, 20))
     await sync.stop()
     levels = [float(np.abs(a.to_ndarray()).max()) / 32767 for a in rest]
-    # the 20 ms playing when the barge-in came fades out; silence after it (allow the
-    # frame already handed to the track)
+    # the half-frame still to go when the barge-in came fades out in 5 ms; silence after
+    # it (allow the frame already handed to the track)
     assert max(levels[2:]) < 0.01, levels
+    for a in rest[:2]:  # speech already handed over, or a fade over its first 5 ms
+        tail = float(np.abs(a.to_ndarray()[0, 240:]).max()) / 32767
+        assert tail < 0.01 or tail > 0.45, levels
     assert any(lv > 0.4 for lv in (float(np.abs(a.to_ndarray()).max()) / 32767 for a in got))
     finished = [e for e in events if e["type"] == "speech.finished"]
     assert finished and finished[0]["interrupted"] is True
     assert 0 < finished[0]["position_s"] < 2.0
     assert sync.stream.resets == 1
     assert speech.available == 0
+
+
+async def test_after_interrupt_silence_goes_out_on_time(worker) -> None:
+    # the engine takes 250 ms to reset, and a late frame may be waited for 300 ms: the
+    # ticks after the barge-in must not wait for it, only repeat the last picture with
+    # silence until it is done
+    sync, speech, video, audio, events = make(worker, reset_s=0.25, late_wait_s=0.3)
+    speech.push(np.full(SAMPLES_PER_FRAME * 50, 0.5, np.float32), "u1")
+    sync.start()
+    await asyncio.gather(collect(video, 5), collect(audio, 10))
+    await audio.recv()  # just after a tick
+    t = time.perf_counter()
+    sync.interrupt()
+    while float(np.abs((await audio.recv()).to_ndarray()).max()) > 0:
+        pass
+    silent_after = time.perf_counter() - t
+    _, rest = await asyncio.gather(collect(video, 8), collect(audio, 16))
+    await sync.stop()
+    # the next ticks are <= 40 ms away (a frame already handed over, the faded half)
+    assert silent_after < 0.15, silent_after
+    assert sync.stats.fillers >= 3  # the reset outlasted several frames
+    assert not any(a.to_ndarray().any() for a in rest)
 
 
 async def test_idle_when_nothing_is_queued(worker) -> None:
