@@ -56,8 +56,8 @@ def receive_audio_immediately(pc: RTCPeerConnection) -> None:
 class ArrivalRecordingBuffer(JitterBuffer):
     """aiortc's own jitter buffer, noting when each frame's last packet came off the network.
 
-    A receiver's buffering delays audio and video by different amounts (aiortc holds audio
-    back 4 packets, video one frame); a lip-syncing receiver undoes that with RTCP. The
+    A receiver's buffering delays audio and video by different amounts (audio is held back
+    ``prefetch`` packets, video one frame); a lip-syncing receiver undoes that with RTCP. The
     network arrival times say what the sender put on the wire, independent of this
     client's buffers.
     """
@@ -88,14 +88,18 @@ class ArrivalRecordingBuffer(JitterBuffer):
 
 
 def record_arrivals(
-    pc: RTCPeerConnection, swallow_video: Callable[[float, int], None] | None = None
+    pc: RTCPeerConnection, swallow_video: Callable[[float, int], None] | None = None,
+    audio_prefetch: int | None = None,
 ) -> dict[str, ArrivalRecordingBuffer]:
-    """Swap each receiver's jitter buffer for a recording one with the same settings."""
+    """Swap each receiver's jitter buffer for a recording one with the same settings (or
+    ``audio_prefetch`` audio packets held back instead of aiortc's 4)."""
     buffers = {}
     for transceiver in pc.getTransceivers():
         old = current(transceiver.receiver)
-        swallow = swallow_video if transceiver.kind == "video" else None
-        new = ArrivalRecordingBuffer(old.capacity, old._prefetch, old._is_video, swallow)
+        audio = transceiver.kind == "audio"
+        swallow = None if audio else swallow_video
+        prefetch = audio_prefetch if audio and audio_prefetch is not None else old._prefetch
+        new = ArrivalRecordingBuffer(old.capacity, prefetch, old._is_video, swallow)
         replace(transceiver.receiver, new)
         buffers[transceiver.kind] = new
     return buffers

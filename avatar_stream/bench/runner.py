@@ -19,7 +19,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from ..client import MIC_RATE, AvatarClient
+from ..client import AUDIO_PREFETCH, MIC_RATE, AvatarClient
 from ..config import ServerConfig
 from . import analysis as A
 
@@ -73,6 +73,7 @@ async def run_session(
     interrupt_every: int = 3,
     record_mouth: bool = True,
     record_face: bool = False,
+    audio_buffer: int = AUDIO_PREFETCH,
     progress: Callable[[str], None] | None = None,
     label: str = "",
 ) -> SessionResult:
@@ -86,7 +87,7 @@ async def run_session(
     script = Script(mode=mode)
     # a session that measures no mouth need not decode the video at all
     client = AvatarClient(url, record_mouth=record_mouth, record_face=record_face,
-                          decode_video=record_mouth or record_face)
+                          decode_video=record_mouth or record_face, audio_prefetch=audio_buffer)
     try:
         await client.connect()
         t0 = time.perf_counter()
