@@ -29,6 +29,7 @@ from .config import ServerConfig
 from .engines.base import Avatar, Engine, EngineStream
 from .ice import filter_candidates, rtc_configuration
 from .ingest import LiveSpeechGate, Resampler, frame_to_mono
+from .encoders import use_avatar_encoders
 from .jitterbuffer import receive_audio_immediately
 from .metrics import Metrics
 from .speech import SpeechInput, SpeechProtocol
@@ -120,6 +121,7 @@ class Session:
             self.pc.addTrack(self.audio)
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
+        use_avatar_encoders(self.pc)
         self._spawn(self._connect_timeout())
         self._spawn(self._watchdog())
         return self.pc.localDescription.sdp
