@@ -92,8 +92,16 @@ class _SessionCollector(Collector):
             "its audio (positive = video leaves late).",
             labels=["session"],
         )
+        reserve = GaugeMetricFamily(
+            "avatar_playout_reserve_seconds",
+            "Per session: speech held back at an utterance's start, grown by late frames.",
+            labels=["session"],
+        )
         for s in sessions:
             queue.add_metric([s.id], s.speech.seconds)
             skew.add_metric([s.id], s.video.last_wait_s - s.audio.last_wait_s)
+            if s.sync:
+                reserve.add_metric([s.id], s.sync.reserve_s)
         yield queue
         yield skew
+        yield reserve

@@ -287,6 +287,10 @@ class Session:
                 task.cancel()
         if self.sync:
             await self.sync.stop()
+            st = self.sync.stats
+            log.info("session %s: %d frames sent, %d late (%.2f s waited), %d repeated",
+                     self.id, st.frames_sent, st.underruns, self.sync.clock.slipped_s,
+                     st.fillers)
             if self.metrics:
                 self.metrics.retire(self.sync.stats)
         self.video.stop()

@@ -10,7 +10,9 @@ Two tasks share one media clock:
   a video frame and the first 20 ms of its audio, on odd ticks the second 20 ms. A frame
   and its audio therefore leave together, and both tracks carry timestamps of one clock.
 
-Speech is never skipped: when a frame is late the clock slips instead. Barge-in drops
+Speech is never skipped: when a frame is late the clock slips instead, and the next
+utterance starts with that much more speech held back (a playout delay that adapts to how
+late frames come on this machine, and shrinks again while none are). Barge-in drops
 everything queued, fades out the audio half-frame still to go over 5 ms, and resets the
 engine stream; the next tick goes out silent on time, never waiting for the reset.
 """
@@ -47,6 +49,10 @@ VIDEO_TIME_BASE = fractions.Fraction(1, 90_000)
 VIDEO_PTS_PER_FRAME = 90_000 // FPS  # 3600
 AUDIO_TIME_BASE = fractions.Fraction(1, OUT_RATE)
 FADE_OUT = OUT_RATE * 5 // 1000  # barge-in fade: 5 ms
+# live speech held back at an utterance's start, so that its later frames are made before
+# their deadlines despite arrival and scheduling jitter; grows by what a late speech
+# frame waited, shrinks back at each utterance that starts (a playout delay, adapted)
+RESERVE_MIN_S, RESERVE_MAX_S = 0.0, 0.1
 
 Event = dict[str, Any]
 
@@ -119,10 +125,12 @@ class Synchronizer:
         self._wake_producer = asyncio.Event()
         self._produced = asyncio.Event()
         self._started: dict[str, int] = {}  # utterance -> 16 kHz samples played so far
-        # smoothed step times, speech and idle apart (a chunked engine's idle is cheap)
-        self._speech_step_s = stream.step_time_hint_s
-        self._idle_step_s = 0.0
+        # how long steps take to come back, speech and idle apart (a chunked engine's idle
+        # is cheap)
+        self._speech_rt = RoundTrip(stream.step_time_hint_s)
+        self._idle_rt = RoundTrip()
         self._in_utterance = False  # speech steps are under way: no new playout delay
+        self.reserve_s = RESERVE_MIN_S
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -201,7 +209,7 @@ class Synchronizer:
 
     def _margin(self, speech: bool) -> float:
         """How long before its first frame's deadline a step must start."""
-        return 0.012 + 2.0 * (self._speech_step_s if speech else self._idle_step_s)
+        return 0.005 + (self._speech_rt if speech else self._idle_rt).lead
 
     @property
     def max_queued(self) -> int:
@@ -232,7 +240,8 @@ class Synchronizer:
             speech_by, idle_by = first - self._margin(True), first - self._margin(False)
             available, more = self.speech.available, self.speech.waiting_for_more
             # the first step of live speech waits for the engine's playout delay on top
-            hold = 0 if self._in_utterance else int(self.stream.playout_delay_s * SAMPLE_RATE)
+            delay = self.stream.playout_delay_s + self.reserve_s
+            hold = 0 if self._in_utterance else int(delay * SAMPLE_RATE)
             # a shortfall of up to one idle step's audio is padded; more waits, idling
             short = need - available <= self.idle_frames * SAMPLES_PER_FRAME
             paddable = available > 0 and hold == 0 and short
@@ -257,14 +266,18 @@ class Synchronizer:
             await self.worker.run(self.stream.reset)
         # an idle step that needs no device must not queue behind other sessions' steps
         on_device = speech is not None or self.stream.idle_uses_device
+        asked = self.clock.now()
         frames, elapsed = await self.worker.run(self._render, speech, on_device=on_device)
+        round_trip = self.clock.now() - asked
         st = self.stats
         st.step_time_s = elapsed if not st.step_time_s else 0.9 * st.step_time_s + 0.1 * elapsed
         if speech is not None:
-            self._speech_step_s = _smooth(self._speech_step_s, elapsed)
+            self._speech_rt.add(round_trip)
+            if not self._in_utterance:
+                self.reserve_s = max(RESERVE_MIN_S, 0.9 * self.reserve_s)
             self._in_utterance = True
         else:
-            self._idle_step_s = _smooth(self._idle_step_s, elapsed)
+            self._idle_rt.add(round_trip)
             self._in_utterance = self._in_utterance and self.speech.waiting_for_more
         st.frames_generated += len(frames)
         if self.on_step:
@@ -348,8 +361,12 @@ class Synchronizer:
             produced.cancel()
         if not self._out:
             return None
-        self.clock.slip(self.clock.now() - t)
-        return self._out.popleft()
+        waited = self.clock.now() - t
+        self.clock.slip(waited)
+        item = self._out.popleft()
+        if item.speaking:
+            self.reserve_s = min(RESERVE_MAX_S, self.reserve_s + waited)
+        return item
 
     def _send_audio(self, samples: np.ndarray, tick: int) -> None:
         frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
@@ -377,8 +394,27 @@ class Synchronizer:
                 )
 
 
-def _smooth(average: float, sample: float) -> float:
-    return sample if not average else 0.9 * average + 0.1 * sample
+class RoundTrip:
+    """How long a step takes from asking to having its frames, queueing on the worker and
+    on the event loop included: a smoothed mean and mean deviation (RFC 6298's estimator;
+    the first sample counts as mean with a quarter of it as deviation). A step must start
+    ``lead`` before its frames are due: under load the tail, not the mean, makes a frame
+    late."""
+
+    def __init__(self, initial_s: float = 0.0) -> None:
+        self.mean = initial_s
+        self.dev = initial_s / 4
+
+    def add(self, sample: float) -> None:
+        if not self.mean:
+            self.mean, self.dev = sample, sample / 4
+            return
+        self.dev = 0.75 * self.dev + 0.25 * abs(sample - self.mean)
+        self.mean = 0.875 * self.mean + 0.125 * sample
+
+    @property
+    def lead(self) -> float:
+        return self.mean + 4 * self.dev
 
 
 def _i420_frame(yuv: np.ndarray) -> av.VideoFrame:

@@ -54,6 +54,7 @@ async def test_metrics_move_during_a_session(speech48k) -> None:
     assert value(after, "avatar_engine_step_seconds_count") > 25
     assert value(after, "avatar_encode_seconds_count", '{kind="video"}') > 25
     assert np.isfinite(value(during, "avatar_av_skew_seconds", f'{{session="{sid}"}}'))
+    assert 0 <= value(during, "avatar_playout_reserve_seconds", f'{{session="{sid}"}}') <= 0.1
     value(during, "avatar_speech_queue_seconds", f'{{session="{sid}"}}')
     # a session's counters outlive it
     assert value(gone, "avatar_sessions_active") == 0

@@ -9,7 +9,7 @@ import pytest
 
 from avatar_stream.engines.base import FRAME_SIZE, SAMPLES_PER_FRAME, EngineStream
 from avatar_stream.speechqueue import SpeechQueue
-from avatar_stream.synchronizer import OUT_HALF, VIDEO_PTS_PER_FRAME, Synchronizer
+from avatar_stream.synchronizer import OUT_HALF, VIDEO_PTS_PER_FRAME, RoundTrip, Synchronizer
 from avatar_stream.tracks import PacedTrack
 from avatar_stream.worker import EngineWorker
 
@@ -21,8 +21,12 @@ class LoudnessStream(EngineStream):
         self.frames_per_step = frames_per_step
         self.resets = 0
         self.reset_s = reset_s  # a stream whose reset takes this long (on the worker)
+        self.stall_s = 0.0  # the next speech step takes this long
 
     def step(self, speech):
+        if speech is not None and self.stall_s:
+            time.sleep(self.stall_s)
+            self.stall_s = 0.0
         frames = np.zeros((self.frames_per_step, FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
         if speech is not None:
             for i, chunk in enumerate(speech.reshape(self.frames_per_step, SAMPLES_PER_FRAME)):
@@ -139,3 +143,32 @@ async def test_idle_when_nothing_is_queued(worker) -> None:
     assert all(not a.to_ndarray().any() for a in audios)
     assert events == []
     assert sync.stats.frames_sent >= 10
+
+
+def test_round_trip_lead_follows_the_tail() -> None:
+    steady, jittery = RoundTrip(), RoundTrip()
+    for i in range(50):
+        steady.add(0.010)
+        jittery.add(0.010 if i % 5 else 0.050)  # every fifth step waits behind others
+    assert steady.lead == pytest.approx(0.010, abs=0.001)
+    assert jittery.lead > 0.040 > 3 * steady.lead
+
+
+async def test_a_late_speech_frame_holds_back_the_next_utterance(worker) -> None:
+    # the engine stalls 120 ms on the first step of the first utterance: that frame is
+    # late, the clock slips, and the next utterance starts with that much more speech held
+    sync, speech, video, audio, events = make(worker, late_wait_s=0.3)
+    sync.start()
+    await asyncio.gather(collect(video, 3), collect(audio, 6))
+    sync.stream.stall_s = 0.12
+    speech.push(np.full(SAMPLES_PER_FRAME * 10, 0.5, np.float32), "u1")
+    speech.end("u1")
+    await asyncio.gather(collect(video, 20), collect(audio, 40))
+    assert sync.clock.slipped_s >= 0.07, sync.clock.slipped_s
+    reserve = sync.reserve_s
+    assert reserve >= 0.07, reserve
+    speech.push(np.full(SAMPLES_PER_FRAME * 10, 0.5, np.float32), "u2")
+    speech.end("u2")
+    await asyncio.gather(collect(video, 20), collect(audio, 40))
+    await sync.stop()
+    assert sync.reserve_s == pytest.approx(0.9 * reserve, abs=0.01)  # shrinks at each onset
