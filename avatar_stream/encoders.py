@@ -42,12 +42,14 @@ class AvatarVp8Encoder(Vp8Encoder):
 
     def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
         assert isinstance(frame, av.VideoFrame)
+        assert frame.pts is not None and frame.time_base is not None  # stamped by the pacer
         if frame.format.name != "yuv420p":
             frame = frame.reformat(format="yuv420p")
         codec = self.codec
+        # reopened (a keyframe) on a new size, or when the rate moves by over 10%
         if codec is not None and (
             (frame.width, frame.height) != (codec.width, codec.height)
-            or abs(self._bitrate - codec.bit_rate) / codec.bit_rate > 0.1  # (a new keyframe)
+            or abs(self._bitrate - (codec.bit_rate or 0)) > 0.1 * (codec.bit_rate or 0)
         ):
             codec = None
         if force_keyframe:

@@ -26,10 +26,10 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 
 from .config import ServerConfig
+from .encoders import use_avatar_encoders
 from .engines.base import Avatar, Engine, EngineStream
 from .ice import filter_candidates, rtc_configuration
 from .ingest import LiveSpeechGate, Resampler, frame_to_mono
-from .encoders import use_avatar_encoders
 from .jitterbuffer import receive_audio_immediately
 from .metrics import Metrics
 from .speech import SpeechInput, SpeechProtocol
