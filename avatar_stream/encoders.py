@@ -42,7 +42,8 @@ class AvatarVp8Encoder(Vp8Encoder):
 
     def encode(self, frame: Frame, force_keyframe: bool = False) -> tuple[list[bytes], int]:
         assert isinstance(frame, av.VideoFrame)
-        assert frame.pts is not None and frame.time_base is not None  # stamped by the pacer
+        pts, time_base = frame.pts, frame.time_base
+        assert pts is not None and time_base is not None  # the pacer stamps every frame
         if frame.format.name != "yuv420p":
             frame = frame.reformat(format="yuv420p")
         codec = self.codec
@@ -58,7 +59,7 @@ class AvatarVp8Encoder(Vp8Encoder):
             codec = self.codec = self._open(frame.width, frame.height)
         data = b"".join(bytes(p) for p in codec.encode(frame))
         payloads = self._packetize(data, self.picture_id)
-        timestamp = convert_timebase(frame.pts, frame.time_base, VIDEO_TIME_BASE)
+        timestamp = convert_timebase(pts, time_base, VIDEO_TIME_BASE)
         self.picture_id = (self.picture_id + 1) % (1 << 15)
         return payloads, timestamp
 
