@@ -990,7 +990,10 @@ class WarpEngine(Engine):
     the disk cache); a frame a few milliseconds."""
 
     name = "warp"
-    worker_threads = 2
+    # a session's steps run one after another, each waiting on the event loop between
+    # them: with fewer threads than sessions they also queue behind each other's, which
+    # made a tenth of the frames late at 3 sessions on 2 cores (4 threads: a fortieth)
+    worker_threads = 4
 
     def prepare(self, image: np.ndarray, avatar_id: str) -> Avatar:
         """``image`` is normally the 512x512 reference crop (``avatar.reference_image``);
