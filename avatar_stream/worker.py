@@ -1,9 +1,10 @@
 """The engine worker: runs engine steps for every session on its own threads.
 
 One worker per engine. A GPU engine asks for one thread (it owns the CUDA context); the
-CPU engine for a few, so that sessions' steps seldom queue behind each other. Awaiting a step suspends only the session that asked. Work
-that needs no device (a GPU engine's cached idle frames) can go to a separate CPU pool,
-so it never waits behind other sessions' device steps.
+CPU engine for a few, so that sessions' steps seldom queue behind each other. Awaiting a
+step suspends only the session that asked. Work that needs no device (a GPU engine's
+cached idle frames) can go to a separate CPU pool, so it never waits behind other
+sessions' device steps.
 """
 
 from __future__ import annotations

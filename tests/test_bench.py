@@ -3,14 +3,17 @@
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 from echo_peer import echo_peer
 
 from avatar_stream.bench import analysis as A
+from avatar_stream.bench.machine import CpuMeter
 from avatar_stream.bench.runner import run_session
 
 
@@ -78,6 +81,19 @@ def test_bench_command_smoke(tmp_path) -> None:
     assert summary["received fps"]["p50"] > 20
     assert summary["interrupt->silence"]["n"] >= 1
     assert summary["interrupt->silence"]["max"] < 400
+    assert 0 < data["cpu"]["busy"] <= 1 and 0 <= data["cpu"]["steal"] < 1
+    assert "stolen by the host" in proc.stdout
     session = data["sessions"][0]
     assert session["pts_monotonic"] and len(session["echo"]) >= 3
     assert out_png.stat().st_size > 10_000 and out_png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_cpu_meter_sees_this_process_working() -> None:
+    with CpuMeter() as meter:
+        end = time.process_time() + 0.4
+        while time.process_time() < end:  # one core busy for 0.4 s of CPU time
+            pass
+    share = meter.share
+    assert share is not None
+    cores = os.cpu_count() or 1
+    assert 0.25 / cores <= share.busy <= 1.0 and 0 <= share.steal < 1, share

@@ -20,6 +20,7 @@ import soxr
 from ..client import AUDIO_PREFETCH, MIC_RATE
 from ..ice import parse_addresses
 from . import report
+from .machine import CpuMeter
 from .runner import SessionResult, progress_printer, run_session, server_or_url
 
 BENCH_TEXT = "Speech goes in, and a talking face comes out, with every word in sync."
@@ -106,15 +107,19 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
           f"({'server ' + args.url if args.url else args.engine + ' engine, in-process'})",
           file=sys.stderr)
     async with server_or_url(args.url, args.engine, hosts) as url:
-        results = await run_sessions(url, speech, args.sessions, args)
+        with CpuMeter() as cpu:
+            results = await run_sessions(url, speech, args.sessions, args)
     out["sessions"] = results
     out["summary"] = report.summarise(results)
+    out["cpu"] = cpu.share
     if args.baseline:
         print("bench: baseline (same path, no engine)", file=sys.stderr)
         async with server_or_url(None, "still", hosts) as url:
-            base = await run_sessions(url, speech, args.sessions, args, record_mouth=False)
+            with CpuMeter() as cpu:
+                base = await run_sessions(url, speech, args.sessions, args, record_mouth=False)
         out["baseline_sessions"] = base
         out["baseline"] = report.summarise(base)
+        out["baseline_cpu"] = cpu.share
     return out
 
 
@@ -126,14 +131,18 @@ async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: lis
     # process would share its interpreter lock, and the figure would be the bench's
     async with server_or_url(args.url, args.engine, hosts, own_process=True) as url:
         for n in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16):
-            results = await run_sessions(url, speech, n, args, record_mouth=False)
+            with CpuMeter() as cpu:
+                results = await run_sessions(url, speech, n, args, record_mouth=False)
             summary = report.summarise(results)
             echo_p95 = summary["echo latency"].get("p95", float("inf"))
             min_fps = min(r.fps for r in results)
             ok = echo_p95 <= 500 and min_fps >= 24
-            levels.append({"sessions": n, "echo_p95_ms": echo_p95, "min_fps": min_fps, "ok": ok})
+            levels.append({"sessions": n, "echo_p95_ms": echo_p95, "min_fps": min_fps, "ok": ok,
+                           "cpu": cpu.share})
             print(f"  {n:2d} sessions: p95 echo {echo_p95:6.0f} ms, min fps {min_fps:5.1f} "
-                  f"-> {'ok' if ok else 'over'}", file=sys.stderr, flush=True)
+                  f"-> {'ok' if ok else 'over'}"
+                  f"{'  (' + cpu.share.describe() + ')' if cpu.share else ''}",
+                  file=sys.stderr, flush=True)
             if not ok:
                 break
             capacity = n
@@ -183,6 +192,9 @@ def main(args: argparse.Namespace) -> int:
                            title=f"{len(out['sessions'])} session(s), {args.duration:.0f} s each"))
         print(f"(heard: after the client's audio buffer of {args.audio_buffer} packets, "
               f"{20 * args.audio_buffer} ms)")
+        for key, what in (("cpu", "this machine"), ("baseline_cpu", "during the baseline")):
+            if out.get(key):
+                print(f"{what}: {out[key].describe()}")
         if "baseline" in out:
             b, s = out["baseline"]["echo latency"], out["summary"]["echo latency"]
             if b.get("n") and s.get("n"):

@@ -11,6 +11,7 @@ from typing import Any
 
 import numpy as np
 
+from .machine import CpuShare
 from .runner import SessionResult
 
 # row name -> (unit, how to get the samples of one session)
@@ -81,7 +82,7 @@ def _cell(value: float | None, width: int = 9, digits: int = 1) -> str:
 
 def write_json(path: Path, report: dict[str, Any]) -> None:
     def default(o: Any) -> Any:
-        if isinstance(o, SessionResult):
+        if isinstance(o, (SessionResult, CpuShare)):
             return asdict(o)
         if isinstance(o, np.generic):
             return o.item()
