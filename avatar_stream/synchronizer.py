@@ -51,8 +51,10 @@ AUDIO_TIME_BASE = fractions.Fraction(1, OUT_RATE)
 FADE_OUT = OUT_RATE * 5 // 1000  # barge-in fade: 5 ms
 # live speech held back at an utterance's start, so that its later frames are made before
 # their deadlines despite arrival and scheduling jitter; grows by what a late speech
-# frame waited, shrinks back at each utterance that starts (a playout delay, adapted)
+# frame waited, shrinks by a quarter at each utterance that starts (a playout delay,
+# adapted: from the most to 10 ms in eight utterances without a late frame)
 RESERVE_MIN_S, RESERVE_MAX_S = 0.0, 0.1
+RESERVE_DECAY = 0.75
 
 Event = dict[str, Any]
 
@@ -274,7 +276,7 @@ class Synchronizer:
         if speech is not None:
             self._speech_rt.add(round_trip)
             if not self._in_utterance:
-                self.reserve_s = max(RESERVE_MIN_S, 0.9 * self.reserve_s)
+                self.reserve_s = max(RESERVE_MIN_S, RESERVE_DECAY * self.reserve_s)
             self._in_utterance = True
         else:
             self._idle_rt.add(round_trip)

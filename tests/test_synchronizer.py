@@ -9,7 +9,13 @@ import pytest
 
 from avatar_stream.engines.base import FRAME_SIZE, SAMPLES_PER_FRAME, EngineStream
 from avatar_stream.speechqueue import SpeechQueue
-from avatar_stream.synchronizer import OUT_HALF, VIDEO_PTS_PER_FRAME, RoundTrip, Synchronizer
+from avatar_stream.synchronizer import (
+    OUT_HALF,
+    RESERVE_DECAY,
+    VIDEO_PTS_PER_FRAME,
+    RoundTrip,
+    Synchronizer,
+)
 from avatar_stream.tracks import PacedTrack
 from avatar_stream.worker import EngineWorker
 
@@ -171,4 +177,4 @@ async def test_a_late_speech_frame_holds_back_the_next_utterance(worker) -> None
     speech.end("u2")
     await asyncio.gather(collect(video, 20), collect(audio, 40))
     await sync.stop()
-    assert sync.reserve_s == pytest.approx(0.9 * reserve, abs=0.01)  # shrinks at each onset
+    assert sync.reserve_s == pytest.approx(RESERVE_DECAY * reserve, abs=0.01)  # shrinks at each onset
