@@ -177,4 +177,5 @@ async def test_a_late_speech_frame_holds_back_the_next_utterance(worker) -> None
     speech.end("u2")
     await asyncio.gather(collect(video, 20), collect(audio, 40))
     await sync.stop()
-    assert sync.reserve_s == pytest.approx(RESERVE_DECAY * reserve, abs=0.01)  # shrinks at each onset
+    # it shrinks at each onset
+    assert sync.reserve_s == pytest.approx(RESERVE_DECAY * reserve, abs=0.01)
