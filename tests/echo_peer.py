@@ -5,6 +5,8 @@ It speaks the server's HTTP interface (POST/DELETE /v1/sessions, the control cha
 video is a grey picture whose mouth box darkens with the loudness of the audio it received
 ``video_delay_s`` ago. So the true echo latency differs between two peers by exactly the
 difference of their audio delays, and the true A/V offset by the difference of the delays.
+On an ``interrupt`` message it drops the speech it still holds ``cut_delay_s`` later, so
+the true interrupt -> silence delay differs between two peers by their cut delays.
 """
 
 from __future__ import annotations
@@ -55,6 +57,9 @@ class EchoAudio(_Paced):
         n = await self._tick()
         now = time.perf_counter()
         q = self.peer.heard
+        if self.peer.cut_at is not None and now >= self.peer.cut_at:  # barge-in: drop it all
+            q.clear()
+            self.peer.cut_at = None
         while q and q[0][0] + self.peer.audio_delay_s <= now - 0.02:  # too old: skip
             q.popleft()
         pcm = np.zeros(960, np.int16)
@@ -90,9 +95,11 @@ class MouthVideo(_Paced):
 
 
 class EchoPeer:
-    def __init__(self, audio_delay_s: float, video_delay_s: float) -> None:
+    def __init__(self, audio_delay_s: float, video_delay_s: float, cut_delay_s: float) -> None:
         self.audio_delay_s = audio_delay_s
         self.video_delay_s = video_delay_s
+        self.cut_delay_s = cut_delay_s
+        self.cut_at: float | None = None
         self.heard: deque[tuple[float, np.ndarray]] = deque(maxlen=500)
         self.levels: deque[tuple[float, float]] = deque(maxlen=500)
         self.pcs: dict[str, RTCPeerConnection] = {}
@@ -113,6 +120,11 @@ class EchoPeer:
         @pc.on("datachannel")
         def on_channel(channel) -> None:  # type: ignore[no-untyped-def]
             channel.send(json.dumps({"type": "ready"}))
+
+            @channel.on("message")
+            def on_message(message) -> None:  # type: ignore[no-untyped-def]
+                if isinstance(message, str) and json.loads(message).get("type") == "interrupt":
+                    self.cut_at = time.perf_counter() + self.cut_delay_s
 
         sdp = filter_candidates(body["sdp"], ["127.0.0.1"])
         await pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -142,8 +154,9 @@ class EchoPeer:
 
 
 @contextlib.asynccontextmanager
-async def echo_peer(audio_delay_s: float, video_delay_s: float) -> AsyncIterator[str]:
-    peer = EchoPeer(audio_delay_s, video_delay_s)
+async def echo_peer(audio_delay_s: float, video_delay_s: float, cut_delay_s: float = 0.0
+                    ) -> AsyncIterator[str]:
+    peer = EchoPeer(audio_delay_s, video_delay_s, cut_delay_s)
     app = web.Application()
     app.router.add_post("/v1/sessions", peer.offer)
     app.router.add_delete("/v1/sessions/{id}", peer.delete)

@@ -65,6 +65,24 @@ async def test_bench_measures_a_peer_with_known_delays(speech48k, audio_delay) -
     assert abs(offset[0.0]) <= 0.03
 
 
+async def test_bench_measures_the_interrupt_delay_of_a_known_peer(speech48k) -> None:
+    """Two peers that echo 300 ms late and, on a barge-in, drop what they hold at once or
+    120 ms later: the measured interrupt -> silence delays must differ by 120 ms +- 20."""
+    clip = speech48k[: 48000 * 3]
+    cut = {}
+    for delay in (0.0, 0.12):
+        async with echo_peer(audio_delay_s=0.3, video_delay_s=0.0, cut_delay_s=delay) as url:
+            result = await run_session(url, clip, duration=13, interrupt_every=1)
+        assert len(result.interrupt_to_silence_net) >= 3, result.interrupt_to_silence_net
+        cut[delay] = (np.median(result.interrupt_to_silence_net),
+                      np.median(result.interrupt_to_silence))
+    print(f"interrupt -> silence (network, heard): {cut}")
+    for i in range(2):
+        assert abs((cut[0.12][i] - cut[0.0][i]) - 0.12) <= 0.02
+    # and the prompt peer falls silent well before the 300 ms of speech it held would end
+    assert cut[0.0][0] < 0.1
+
+
 def test_bench_command_smoke(tmp_path) -> None:
     out_json, out_png = tmp_path / "bench.json", tmp_path / "bench.png"
     proc = subprocess.run(
