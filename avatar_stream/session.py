@@ -288,7 +288,7 @@ class Session:
         if self.sync:
             await self.sync.stop()
             st = self.sync.stats
-            log.info("session %s: %d frames sent, %d late (%.2f s waited), %d repeated",
+            log.info("session %s: %d frames sent, %d late (clock slipped %.2f s), %d repeated",
                      self.id, st.frames_sent, st.underruns, self.sync.clock.slipped_s,
                      st.fillers)
             if self.metrics:
