@@ -40,6 +40,8 @@ from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
+AUDIO_QUEUE_FRAMES = 25  # 20 ms each
+
 
 class OfferError(ValueError):
     """The client's offer cannot start a session (HTTP 400)."""
@@ -67,8 +69,11 @@ class Session:
         self.video = PacedTrack(
             "video", maxlen=2, on_consumed=encode.labels("video").observe if encode else None
         )
+        # speech must not be cut when the encoder stalls (seen: 100+ ms with busy cores), so
+        # the audio queue holds half a second; a skipped video frame is a lesser harm
         self.audio = PacedTrack(
-            "audio", maxlen=4, on_consumed=encode.labels("audio").observe if encode else None
+            "audio", maxlen=AUDIO_QUEUE_FRAMES,
+            on_consumed=encode.labels("audio").observe if encode else None,
         )
         self.speech = SpeechQueue(config.speech_queue_s)
         self.input = SpeechInput(self.speech, self._speech_queued, config.utterance_idle_end_s)
@@ -288,9 +293,10 @@ class Session:
         if self.sync:
             await self.sync.stop()
             st = self.sync.stats
-            log.info("session %s: %d frames sent, %d late (clock slipped %.2f s), %d repeated",
+            log.info("session %s: %d frames sent, %d late (clock slipped %.2f s), %d repeated;"
+                     " the encoders fell behind and dropped %d video, %d audio frames",
                      self.id, st.frames_sent, st.underruns, self.sync.clock.slipped_s,
-                     st.fillers)
+                     st.fillers, self.video.dropped, self.audio.dropped)
             if self.metrics:
                 self.metrics.retire(self.sync.stats)
         self.video.stop()

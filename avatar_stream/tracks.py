@@ -2,8 +2,9 @@
 
 aiortc calls ``recv()`` as fast as it returns, so these tracks never make up timestamps or
 pace themselves: the synchronizer puts each frame in at its deadline, already stamped, and
-``recv()`` just waits for it. The queue is tiny and drops the oldest frame if the encoder
-falls behind, so a slow consumer cannot turn into latency.
+``recv()`` just waits for it. The queue is bounded and drops the oldest frame if the encoder
+falls behind: tiny for video, so a slow consumer cannot turn into latency; longer for
+audio, so a stall of the encoder delays speech instead of cutting it.
 """
 
 from __future__ import annotations
