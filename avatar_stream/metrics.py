@@ -34,6 +34,10 @@ _COUNTERS = {
     "fillers": ("avatar_pacer_fillers", "Previous picture repeated because none came."),
     "speech_gaps": ("avatar_speech_gaps", "Steps that started before all their speech came."),
     "interrupts": ("avatar_interrupts", "Barge-ins."),
+    "video_encoder_drops": ("avatar_encoder_dropped_video_frames",
+                            "Video frames dropped because the encoder fell behind."),
+    "audio_encoder_drops": ("avatar_encoder_dropped_audio_frames",
+                            "Audio frames dropped because the encoder fell behind (0.5 s)."),
 }
 
 

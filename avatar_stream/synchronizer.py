@@ -82,6 +82,9 @@ class SyncStats:
     step_time_s: float = 0.0  # smoothed engine step time
     interrupts: int = 0
     speech_gaps: int = 0  # a step had to start before all its speech came: silence put first
+    # frames the outgoing queues dropped because the encoder fell that far behind
+    video_encoder_drops: int = 0
+    audio_encoder_drops: int = 0
 
 
 def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
@@ -343,6 +346,7 @@ class Synchronizer:
         frame.pts = k * VIDEO_PTS_PER_FRAME
         frame.time_base = VIDEO_TIME_BASE
         self.video.put(frame)
+        self.stats.video_encoder_drops = self.video.dropped
         self._last_video = frame
         self.stats.frames_sent += 1
         self._send_audio(item.audio[:OUT_HALF], 2 * k)
@@ -376,6 +380,7 @@ class Synchronizer:
         frame.pts = tick * OUT_HALF
         frame.time_base = AUDIO_TIME_BASE
         self.audio.put(frame)
+        self.stats.audio_encoder_drops = self.audio.dropped
 
     def _playout_events(self, segments: list[Segment]) -> None:
         for s in segments:

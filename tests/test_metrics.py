@@ -49,6 +49,7 @@ async def test_metrics_move_during_a_session(speech48k) -> None:
     assert value(after, "avatar_frames_sent_total") > value(during, "avatar_frames_sent_total") > 0
     assert value(after, "avatar_frames_generated_total") >= value(after, "avatar_frames_sent_total")
     assert value(after, "avatar_interrupts_total") == 1
+    assert value(after, "avatar_encoder_dropped_audio_frames_total") == 0  # nothing cut
     assert value(after, "avatar_sessions_refused_total") == 1
     assert value(after, "avatar_errors_total", '{kind="unavailable"}') == 1
     assert value(after, "avatar_engine_step_seconds_count") > 25
