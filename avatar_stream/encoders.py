@@ -15,13 +15,12 @@ from __future__ import annotations
 import av
 from aiortc import RTCPeerConnection
 from aiortc.codecs.base import Encoder
-from aiortc.codecs.vpx import Vp8Encoder
+from aiortc.codecs.vpx import MIN_BITRATE, Vp8Encoder
 from aiortc.mediastreams import VIDEO_TIME_BASE, convert_timebase
 from aiortc.rtcrtpsender import RTCRtpSender
 from av.frame import Frame
 
-MIN_BITRATE = 250_000
-MAX_BITRATE = 800_000
+MAX_BITRATE = 800_000  # aiortc's own cap is 1.5 Mbps; its floor (MIN_BITRATE) is kept
 
 
 class AvatarVp8Encoder(Vp8Encoder):

@@ -296,7 +296,7 @@ class Session:
             log.info("session %s: %d frames sent, %d late (clock slipped %.2f s), %d repeated;"
                      " the encoders fell behind and dropped %d video, %d audio frames",
                      self.id, st.frames_sent, st.underruns, self.sync.clock.slipped_s,
-                     st.fillers, self.video.dropped, self.audio.dropped)
+                     st.fillers, st.video_encoder_drops, st.audio_encoder_drops)
             if self.metrics:
                 self.metrics.retire(self.sync.stats)
         self.video.stop()

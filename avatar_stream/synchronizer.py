@@ -53,7 +53,7 @@ FADE_OUT = OUT_RATE * 5 // 1000  # barge-in fade: 5 ms
 # their deadlines despite arrival and scheduling jitter; grows by what a late speech
 # frame waited, shrinks by a quarter at each utterance that starts (a playout delay,
 # adapted: from the most to 10 ms in eight utterances without a late frame)
-RESERVE_MIN_S, RESERVE_MAX_S = 0.0, 0.1
+RESERVE_MAX_S = 0.1
 RESERVE_DECAY = 0.75
 
 Event = dict[str, Any]
@@ -135,7 +135,7 @@ class Synchronizer:
         self._speech_rt = RoundTrip(stream.step_time_hint_s)
         self._idle_rt = RoundTrip()
         self._in_utterance = False  # speech steps are under way: no new playout delay
-        self.reserve_s = RESERVE_MIN_S
+        self.reserve_s = 0.0
         self._tasks: list[asyncio.Task[None]] = []
 
     # -- lifecycle -------------------------------------------------------------------
@@ -279,7 +279,7 @@ class Synchronizer:
         if speech is not None:
             self._speech_rt.add(round_trip)
             if not self._in_utterance:
-                self.reserve_s = max(RESERVE_MIN_S, RESERVE_DECAY * self.reserve_s)
+                self.reserve_s *= RESERVE_DECAY
             self._in_utterance = True
         else:
             self._idle_rt.add(round_trip)

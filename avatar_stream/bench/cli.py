@@ -20,7 +20,7 @@ import soxr
 from ..client import AUDIO_PREFETCH, MIC_RATE
 from ..ice import parse_addresses
 from . import report
-from .machine import CpuMeter
+from .machine import CpuMeter, CpuShare
 from .runner import SessionResult, progress_printer, run_session, server_or_url
 
 BENCH_TEXT = "Speech goes in, and a talking face comes out, with every word in sync."
@@ -84,16 +84,19 @@ def load_speech(path: Path | None) -> np.ndarray:
 
 
 async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Namespace,
-                       record_mouth: bool = True) -> list[SessionResult]:
+                       record_mouth: bool = True) -> tuple[list[SessionResult], CpuShare | None]:
+    """``n`` sessions at once; their results, and how busy the machine was meanwhile."""
     show = progress_printer()
-    return list(await asyncio.gather(*(
-        run_session(url, speech, args.duration, mode=args.mode,
-                    interrupt_every=args.interrupt_every, record_mouth=record_mouth,
-                    audio_buffer=args.audio_buffer,
-                    record_face=record_mouth and i == 0, progress=show if i == 0 else None,
-                    label=f"[{n} session{'s' if n > 1 else ''}] ")
-        for i in range(n)
-    )))
+    with CpuMeter() as cpu:
+        results = list(await asyncio.gather(*(
+            run_session(url, speech, args.duration, mode=args.mode,
+                        interrupt_every=args.interrupt_every, record_mouth=record_mouth,
+                        audio_buffer=args.audio_buffer,
+                        record_face=record_mouth and i == 0, progress=show if i == 0 else None,
+                        label=f"[{n} session{'s' if n > 1 else ''}] ")
+            for i in range(n)
+        )))
+    return results, cpu.share
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -107,19 +110,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
           f"({'server ' + args.url if args.url else args.engine + ' engine, in-process'})",
           file=sys.stderr)
     async with server_or_url(args.url, args.engine, hosts) as url:
-        with CpuMeter() as cpu:
-            results = await run_sessions(url, speech, args.sessions, args)
+        results, out["cpu"] = await run_sessions(url, speech, args.sessions, args)
     out["sessions"] = results
     out["summary"] = report.summarise(results)
-    out["cpu"] = cpu.share
     if args.baseline:
         print("bench: baseline (same path, no engine)", file=sys.stderr)
         async with server_or_url(None, "still", hosts) as url:
-            with CpuMeter() as cpu:
-                base = await run_sessions(url, speech, args.sessions, args, record_mouth=False)
+            base, out["baseline_cpu"] = await run_sessions(url, speech, args.sessions, args,
+                                                           record_mouth=False)
         out["baseline_sessions"] = base
         out["baseline"] = report.summarise(base)
-        out["baseline_cpu"] = cpu.share
     return out
 
 
@@ -131,17 +131,16 @@ async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: lis
     # process would share its interpreter lock, and the figure would be the bench's
     async with server_or_url(args.url, args.engine, hosts, own_process=True) as url:
         for n in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16):
-            with CpuMeter() as cpu:
-                results = await run_sessions(url, speech, n, args, record_mouth=False)
+            results, cpu = await run_sessions(url, speech, n, args, record_mouth=False)
             summary = report.summarise(results)
             echo_p95 = summary["echo latency"].get("p95", float("inf"))
             min_fps = min(r.fps for r in results)
             ok = echo_p95 <= 500 and min_fps >= 24
             levels.append({"sessions": n, "echo_p95_ms": echo_p95, "min_fps": min_fps, "ok": ok,
-                           "cpu": cpu.share})
+                           "cpu": cpu})
             print(f"  {n:2d} sessions: p95 echo {echo_p95:6.0f} ms, min fps {min_fps:5.1f} "
                   f"-> {'ok' if ok else 'over'}"
-                  f"{'  (' + cpu.share.describe() + ')' if cpu.share else ''}",
+                  f"{'  (' + cpu.describe() + ')' if cpu else ''}",
                   file=sys.stderr, flush=True)
             if not ok:
                 break
