@@ -216,6 +216,11 @@ async def upload_avatar(request: web.Request) -> web.Response:
         raise _photo_error(exc) from None
     except AvatarConflict as exc:
         raise _error(409, str(exc)) from None
+    pool = request.app[STATE].pool
+    if pool is not None:  # every worker process makes sessions with it
+        await pool.replay("POST", f"/v1/avatars?id={avatar.id}",
+                          {**_authorization(request), "Content-Type": "application/octet-stream"},
+                          photo)
     info = store.info(avatar.id) or avatar.info()
     return web.json_response(info, status=201 if created else 200,
                              headers={"Location": f"/v1/avatars/{avatar.id}"})
@@ -259,7 +264,17 @@ async def delete_avatar(request: web.Request) -> web.Response:
         raise _error(409, str(exc)) from None
     if not removed:
         raise _error(404, f"unknown avatar {request.match_info['id']!r}")
+    pool = request.app[STATE].pool
+    if pool is not None:
+        await pool.replay("DELETE", f"/v1/avatars/{request.match_info['id']}",
+                          _authorization(request))
     return web.Response(status=204)
+
+
+def _authorization(request: web.Request) -> dict[str, str]:
+    """The caller's credentials, for the same call replayed on the worker processes."""
+    auth = request.headers.get("Authorization")
+    return {"Authorization": auth} if auth else {}
 
 
 # -- offline animation ------------------------------------------------------------------------

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import logging
 import sys
+from dataclasses import replace
 
 from .config import IceServer, ServerConfig
 from .engines.flashhead_config import add_cli_options as add_flashhead_options
@@ -14,6 +15,7 @@ from .routing import add_cli_options as add_replica_options
 from .serve_options import add_cli_options as add_speech_options
 from .serve_options import config_options as speech_options
 from .turn import add_cli_options as add_turn_options
+from .workers import default_workers
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -34,6 +36,9 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
                    help="only offer/accept ICE host candidates on these addresses "
                         "(e.g. 127.0.0.1 for loopback-only tests)")
     p.add_argument("--engine-threads", type=int, help="engine worker threads")
+    p.add_argument("--workers", default="auto", metavar="N|auto",
+                   help="processes that run sessions; auto (default): one per core for a CPU "
+                        "engine, one for a GPU engine or with --advertise")
     add_flashhead_options(p)
     add_turn_options(p)
     add_replica_options(p)
@@ -47,6 +52,22 @@ def _add_doctor(sub: argparse._SubParsersAction) -> None:
     add_parser(sub)
 
 
+def _workers(args: argparse.Namespace, config: ServerConfig) -> int:
+    if args.workers == "auto":
+        return default_workers(config)
+    try:
+        workers = int(args.workers)
+    except ValueError:
+        workers = 0
+    if workers < 1:
+        raise SystemExit(f"avatar-stream: --workers must be a number of processes or auto, "
+                         f"not {args.workers!r}")
+    if workers > 1 and config.advertise:
+        raise SystemExit("avatar-stream: --workers above 1 cannot be combined with --advertise "
+                         "(session ids name one address per replica)")
+    return workers
+
+
 def serve_config(args: argparse.Namespace) -> ServerConfig:
     ice = [
         IceServer((url,), args.ice_username, args.ice_credential)
@@ -55,7 +76,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         for url in args.ice_server
     ]
     hosts = parse_addresses(args.ice_host_addresses)
-    return ServerConfig(
+    config = ServerConfig(
         host=args.host,
         port=args.port,
         engine=args.engine,
@@ -73,6 +94,7 @@ def serve_config(args: argparse.Namespace) -> ServerConfig:
         peers=args.peers,
         **speech_options(args),
     )
+    return replace(config, workers=_workers(args, config))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -190,7 +190,11 @@ class AvatarClient(SessionCalls):
         self._arrivals: dict[str, ArrivalRecordingBuffer] = {}
 
     async def __aenter__(self) -> AvatarClient:
-        await self.connect()
+        try:
+            await self.connect()
+        except BaseException:  # refused or failed: nothing of it stays open
+            await self.close()
+            raise
         return self
 
     async def __aexit__(self, *exc: object) -> None:

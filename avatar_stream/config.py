@@ -68,3 +68,4 @@ class ServerConfig:
     turn_ttl_s: float = 6 * 3600.0
     advertise: str | None = None  # "ADDR:PORT" peers reach this replica at; ids carry it
     peers: str | None = None  # DNS name of every replica: forward other replicas' sessions
+    workers: int = 1  # processes that run sessions (workers.py); 1: this process runs them

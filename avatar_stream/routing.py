@@ -21,7 +21,7 @@ import logging
 import re
 import socket
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Collection
 from typing import Any
 
 import aiohttp
@@ -71,27 +71,35 @@ def owned_id(config: ServerConfig, session_id: str) -> str:
 
 
 class Forwarder:
-    """The middleware that hands another replica's session calls to that replica."""
+    """The middleware that hands another replica's (or worker's) session calls to it."""
 
-    def __init__(self, config: ServerConfig, is_local: Callable[[str], bool]) -> None:
-        assert config.advertise
-        self.me = owner_of(owned_id(config, "x"))
+    def __init__(self, config: ServerConfig, is_local: Callable[[str], bool],
+                 local_owners: Callable[[], Collection[str]] | None = None) -> None:
+        self.me = owner_of(owned_id(config, "x")) if config.advertise else None
         self.peers = config.peers
         self.is_local = is_local
+        self.local_owners = local_owners  # this server's worker processes (workers.py)
         self._peer_ips: set[str] = set()
         self._peer_time = 0.0
         self._http: aiohttp.ClientSession | None = None
 
     @classmethod
-    def create(cls, config: ServerConfig, is_local: Callable[[str], bool]) -> Forwarder | None:
-        return cls(config, is_local) if config.advertise and config.peers else None
+    def create(cls, config: ServerConfig, is_local: Callable[[str], bool],
+               local_owners: Callable[[], Collection[str]] | None = None) -> Forwarder | None:
+        if local_owners is None and not (config.advertise and config.peers):
+            return None
+        return cls(config, is_local, local_owners)
 
     async def close(self, app: web.Application | None = None) -> None:
         if self._http is not None:
             await self._http.close()
 
     async def _allowed(self, owner: str) -> bool:
-        """Is ``owner`` one of the replicas (the addresses ``--peers`` resolves to)?"""
+        """Is ``owner`` one of our workers, or one of the replicas ``--peers`` resolves to?"""
+        if self.local_owners is not None and owner in self.local_owners():
+            return True
+        if not self.peers:
+            return False
         if time.monotonic() - self._peer_time > PEER_TTL_S:
             loop = asyncio.get_running_loop()
             try:
@@ -113,53 +121,58 @@ class Forwarder:
             return await handler(request)  # answered here: 404 for an unknown session
         if self._http is None:
             self._http = aiohttp.ClientSession(auto_decompress=False)
-        headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
-        headers[FORWARDED] = self.me or "1"
-        url = f"http://{owner}{request.path_qs}"
-        try:
-            if request.headers.get("Upgrade", "").lower() == "websocket":
-                return await self._websocket(request, url, headers)
-            async with self._http.request(
-                request.method, url, headers=headers, data=await request.read(),
-                allow_redirects=False, timeout=aiohttp.ClientTimeout(total=60),
-            ) as resp:
-                body = await resp.read()
-                out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
-                return web.Response(status=resp.status, body=body, headers=out)
-        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-            return web.json_response(
-                {"error": f"the replica that owns this session is unreachable: {exc}"},
-                status=502,
-            )
+        return await forward(self._http, request, owner, self.me or "1",
+                             "the replica that owns this session")
 
-    async def _websocket(self, request: web.Request, url: str, headers: dict[str, str]
-                         ) -> web.StreamResponse:
-        assert self._http is not None
-        drop = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"}
-        headers = {k: v for k, v in headers.items() if k.lower() not in drop}
-        upstream = await self._http.ws_connect(url, headers=headers, autoping=True)
-        downstream = web.WebSocketResponse(autoping=True)
-        await downstream.prepare(request)
 
-        async def pipe(src: Any, dst: Any) -> None:
-            async for msg in src:
-                if msg.type == aiohttp.WSMsgType.TEXT:
-                    await dst.send_str(msg.data)
-                elif msg.type == aiohttp.WSMsgType.BINARY:
-                    await dst.send_bytes(msg.data)
-                else:
-                    break
+async def forward(http: aiohttp.ClientSession, request: web.Request, owner: str, via: str,
+                  what: str) -> web.StreamResponse:
+    """Hand ``request`` (plain HTTP or a WebSocket) to the server at ``owner`` and its answer
+    back; marked so that it is never forwarded again. 502 when ``what`` cannot be reached."""
+    headers = {k: v for k, v in request.headers.items() if k.lower() not in _HOP_BY_HOP}
+    headers[FORWARDED] = via
+    url = f"http://{owner}{request.path_qs}"
+    try:
+        if request.headers.get("Upgrade", "").lower() == "websocket":
+            return await _websocket(http, request, url, headers)
+        async with http.request(
+            request.method, url, headers=headers, data=await request.read(),
+            allow_redirects=False, timeout=aiohttp.ClientTimeout(total=60),
+        ) as resp:
+            body = await resp.read()
+            out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
+            return web.Response(status=resp.status, body=body, headers=out)
+    except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+        return web.json_response({"error": f"{what} is unreachable: {exc}"}, status=502)
 
-        tasks = [asyncio.ensure_future(pipe(downstream, upstream)),
-                 asyncio.ensure_future(pipe(upstream, downstream))]
-        await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
-        for task in tasks:
-            task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, Exception):
-                await task
-        await upstream.close()
-        await downstream.close()
-        return downstream
+
+async def _websocket(http: aiohttp.ClientSession, request: web.Request, url: str,
+                     headers: dict[str, str]) -> web.StreamResponse:
+    drop = {"sec-websocket-key", "sec-websocket-version", "sec-websocket-extensions"}
+    headers = {k: v for k, v in headers.items() if k.lower() not in drop}
+    upstream = await http.ws_connect(url, headers=headers, autoping=True)
+    downstream = web.WebSocketResponse(autoping=True)
+    await downstream.prepare(request)
+
+    async def pipe(src: Any, dst: Any) -> None:
+        async for msg in src:
+            if msg.type == aiohttp.WSMsgType.TEXT:
+                await dst.send_str(msg.data)
+            elif msg.type == aiohttp.WSMsgType.BINARY:
+                await dst.send_bytes(msg.data)
+            else:
+                break
+
+    tasks = [asyncio.ensure_future(pipe(downstream, upstream)),
+             asyncio.ensure_future(pipe(upstream, downstream))]
+    await asyncio.wait(tasks, return_when=asyncio.FIRST_COMPLETED)
+    for task in tasks:
+        task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+    await upstream.close()
+    await downstream.close()
+    return downstream
 
 
 def add_cli_options(parser: Any) -> None:

@@ -47,6 +47,7 @@ from .synchronizer import Event
 from .tts import TTS, TTSError, create_tts
 from .turn import session_ice_servers
 from .worker import EngineWorker
+from .workers import WorkerError, WorkerPool
 
 log = logging.getLogger(__name__)
 
@@ -71,6 +72,7 @@ class ServerState:
     tts: TTS | None = None
     tts_slots: asyncio.Semaphore = field(init=False)
     ended: OrderedDict[str, str] = field(default_factory=OrderedDict)  # id -> why it ended
+    pool: WorkerPool | None = None  # --workers: sessions run in these processes, not here
 
     def __post_init__(self) -> None:
         self.metrics = Metrics(lambda: list(self.sessions.values()))
@@ -163,8 +165,12 @@ def create_app(state: ServerState) -> web.Application:
     middlewares: list[Any] = [count_errors]
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
-    # calls for another replica's session go to that replica (routing.py)
-    forwarder = Forwarder.create(config, lambda sid: sid in state.sessions or sid in state.ended)
+    if config.workers > 1 and state.pool is None:
+        state.pool = WorkerPool(config, config.workers)
+    pool = state.pool
+    # calls for another replica's (or worker's) session go to it (routing.py)
+    forwarder = Forwarder.create(config, lambda sid: sid in state.sessions or sid in state.ended,
+                                 (lambda: pool.addresses) if pool else None)
     if forwarder:
         middlewares.insert(len(middlewares) - 1, forwarder.middleware)
     # bodies are limited per route (read_body); this is only the outer bound
@@ -195,6 +201,9 @@ def create_app(state: ServerState) -> web.Application:
     from .avatars_api import add_avatar_api
 
     add_avatar_api(app)
+    if pool:
+        app.on_startup.append(pool.start)
+        app.on_cleanup.append(pool.close)
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_stop_engine)
     if forwarder:
@@ -302,13 +311,24 @@ async def readyz(request: web.Request) -> web.Response:
         "engine": state.engine.name,
         **capacity_info(state.engine, state.max_sessions, len(state.sessions)),
     }
+    if state.pool is not None:  # the workers' sessions, and room on the live ones
+        loads = await state.pool.loads()
+        active = sum(a["sessions"] for _, a in loads)
+        free = min(sum(a["free"] for _, a in loads), max(0, state.max_sessions - active))
+        body.update(sessions=active, free=free, workers=len(loads))
+        if free == 0:
+            return web.json_response({"status": "full", **body}, status=503)
+        return web.json_response({"status": "ready", **body})
     if not state.has_capacity:
         return web.json_response({"status": "full", **body}, status=503)
     return web.json_response({"status": "ready", **body})
 
 
 async def metrics(request: web.Request) -> web.Response:
-    body = request.app[STATE].metrics.render()
+    state = request.app[STATE]
+    body = state.metrics.render()
+    if state.pool is not None:
+        body = await state.pool.metrics(body)
     return web.Response(body=body, headers={"Content-Type": CONTENT_TYPE})
 
 
@@ -358,7 +378,7 @@ def _bad_request(message: str) -> web.HTTPBadRequest:
     )
 
 
-async def create_session(request: web.Request) -> web.Response:
+async def create_session(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     _require_server(request)
     wait = state.creations.hit(client_ip(request, state.config.trust_forwarded_for))
@@ -368,6 +388,14 @@ async def create_session(request: web.Request) -> web.Response:
             f"{state.config.sessions_per_ip_per_minute} a minute)",
             **{"Retry-After": retry_after(wait)},
         )
+    if state.pool is not None:  # a worker makes the session (workers.py)
+        worker = await state.pool.place()
+        if worker is None:
+            state.metrics.refused.inc()
+            return json_error(
+                503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
+            )
+        return await state.pool.create_session(request, worker)
     sdp, avatar_id, whep = await _read_offer(request)
     if not sdp.lstrip().startswith("v=0"):
         return json_error(400, "invalid SDP offer: it must start with 'v=0'")
@@ -427,7 +455,12 @@ def _forget(state: ServerState) -> Any:
 
 async def list_sessions(request: web.Request) -> web.Response:
     _require_server(request)
-    return web.json_response([s.stats() for s in request.app[STATE].sessions.values()])
+    state = request.app[STATE]
+    if state.pool is not None:
+        auth = request.headers.get("Authorization")
+        return web.json_response(await state.pool.sessions(
+            {"Authorization": auth} if auth else {}))
+    return web.json_response([s.stats() for s in state.sessions.values()])
 
 
 async def get_session(request: web.Request) -> web.Response:
@@ -644,16 +677,26 @@ async def running_server(
         await runner.cleanup()
 
 
-def run(config: ServerConfig) -> None:
+def run(config: ServerConfig, announce: bool = True) -> None:
     """Start the server and block; exits with a message if the avatar photo is unusable."""
 
     async def make() -> web.Application:
         state = await load_state(config)
-        url = f"http://{config.host}:{config.port}/"
-        print(f"avatar-stream: {state.engine.name} engine ready; open {url}", flush=True)
-        return create_app(state)
+        app = create_app(state)
+
+        async def ready(app: web.Application) -> None:  # after the workers are up
+            url = f"http://{config.host}:{config.port}/"
+            workers = f" in {config.workers} worker processes" if state.pool else ""
+            print(f"avatar-stream: {state.engine.name} engine ready{workers}; open {url}",
+                  flush=True)
+
+        if announce:
+            app.on_startup.append(ready)
+        return app
 
     try:
         web.run_app(make(), host=config.host, port=config.port, print=None)
     except AvatarError as exc:
         raise SystemExit(f"avatar-stream: cannot use the avatar photo: {exc}") from None
+    except WorkerError as exc:
+        raise SystemExit(f"avatar-stream: {exc}") from None

@@ -1,0 +1,294 @@
+"""Worker processes: one server address, sessions served by several processes.
+
+Every session of a CPU engine costs Python work on each packet and each frame, and one
+process runs Python on one core at a time (the interpreter lock). Measured on a 2-core
+machine, one process stopped at 3 warp sessions with a quarter of the CPU idle, while two
+processes ran 4 at full rate. So with ``--workers N`` the process that owns the public
+address (the front) runs no sessions itself: each worker is a whole server on a loopback
+port, the front places each new session on the worker with the most free slots, and every
+later call for that session reaches its worker through the session id, exactly as calls
+reach another replica (``routing.py``). Media never passes through the front: a worker's
+answer carries its own ICE candidates. Avatars uploaded or deleted at the front are
+replayed to every worker; ``/metrics``, ``/readyz`` and ``GET /v1/sessions`` gather all of
+theirs. A worker that dies is started again; its sessions are lost, the others go on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import multiprocessing
+import os
+import socket
+import threading
+import time
+from collections.abc import Iterable
+from dataclasses import dataclass, replace
+from typing import Any
+
+import aiohttp
+from aiohttp import web
+from prometheus_client import generate_latest
+from prometheus_client.core import Metric
+from prometheus_client.parser import text_string_to_metric_families
+from prometheus_client.registry import CollectorRegistry
+from prometheus_client.samples import Sample
+
+from .config import ServerConfig
+from .routing import FORWARDED, forward
+
+log = logging.getLogger(__name__)
+
+CPU_ENGINES = ("warp", "still")  # engines whose sessions scale with processes
+START_TIMEOUT_S = 180.0  # a worker loads the engine and every avatar before it answers
+RESTART_DELAY_S = 1.0
+_QUERY_TIMEOUT = aiohttp.ClientTimeout(total=10)
+
+
+class WorkerError(RuntimeError):
+    """A worker process that would not start."""
+
+
+def default_workers(config: ServerConfig) -> int:
+    """``--workers auto``: a process per core for a CPU engine (at most one per session
+    slot); a GPU engine keeps one process, which owns the device. Replicas that name their
+    sessions' owner by address (``--advertise``) run one process each."""
+    if config.engine not in CPU_ENGINES or config.advertise:
+        return 1
+    return max(1, min(os.cpu_count() or 1, config.max_sessions))
+
+
+@dataclass
+class Worker:
+    index: int
+    address: str  # 127.0.0.1:PORT, the owner its session ids name
+    process: multiprocessing.process.BaseProcess
+    placing: int = 0  # sessions being created on it right now
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.address}"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def _serve(config: ServerConfig, parent: int) -> None:
+    """A worker process: the ordinary server, ending when its front goes away."""
+    from .server import run
+
+    def watch_parent() -> None:
+        while os.getppid() == parent:
+            time.sleep(1.0)
+        os._exit(0)  # the front is gone (killed): nobody can reach these sessions any more
+
+    threading.Thread(target=watch_parent, name="parent-watch", daemon=True).start()
+    logging.basicConfig(level=logging.INFO, format=f"%(asctime)s %(levelname)s worker "
+                        f"{config.port} %(name)s: %(message)s")
+    for noisy in ("aioice", "aiortc", "aiohttp.access"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    run(config, announce=False)
+
+
+class WorkerPool:
+    """The front's worker processes: started with the app, stopped with it."""
+
+    def __init__(self, config: ServerConfig, count: int) -> None:
+        self.config = config
+        self.count = count
+        self.workers: list[Worker] = []
+        self._http: aiohttp.ClientSession | None = None
+        self._supervisor: asyncio.Task[None] | None = None
+        self._closing = False
+        self._context = multiprocessing.get_context("spawn")  # no copy of the front's loop
+
+    @property
+    def addresses(self) -> set[str]:
+        return {w.address for w in self.workers}
+
+    @property
+    def http(self) -> aiohttp.ClientSession:
+        if self._http is None:
+            self._http = aiohttp.ClientSession(auto_decompress=False)
+        return self._http
+
+    # -- life cycle --------------------------------------------------------------------
+
+    async def start(self, app: web.Application | None = None) -> None:
+        self.workers = [self._spawn(i) for i in range(self.count)]
+        try:
+            await asyncio.gather(*(self._until_up(w) for w in self.workers))
+        except BaseException:
+            await self.close()
+            raise
+        log.info("%d worker processes: %s", self.count, ", ".join(w.address for w in self.workers))
+        self._supervisor = asyncio.create_task(self._supervise())
+
+    async def close(self, app: web.Application | None = None) -> None:
+        self._closing = True
+        if self._supervisor is not None:
+            self._supervisor.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._supervisor
+        loop = asyncio.get_running_loop()
+        await asyncio.gather(*(loop.run_in_executor(None, _stop, w.process)
+                               for w in self.workers))
+        if self._http is not None:
+            await self._http.close()
+
+    def _spawn(self, index: int, address: str | None = None) -> Worker:
+        port = int(address.rpartition(":")[2]) if address else _free_port()
+        config = replace(
+            self.config, host="127.0.0.1", port=port, advertise=f"127.0.0.1:{port}",
+            peers=None, workers=1, max_sessions=-(-self.config.max_sessions // self.count),
+            sessions_per_ip_per_minute=0,  # the front limits callers: here all are the front
+        )
+        process = self._context.Process(target=_serve, args=(config, os.getpid()),
+                                        name=f"avatar-stream-worker-{index}")
+        process.start()
+        return Worker(index, config.advertise or "", process)
+
+    async def _until_up(self, worker: Worker) -> None:
+        deadline = time.monotonic() + START_TIMEOUT_S
+        while time.monotonic() < deadline:
+            if not worker.process.is_alive():
+                raise WorkerError(f"worker {worker.index} exited at start-up "
+                                   f"(exit code {worker.process.exitcode}); see its log above")
+            with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
+                async with self.http.get(f"{worker.url}/healthz", timeout=_QUERY_TIMEOUT) as r:
+                    if r.status == 200:
+                        return
+            await asyncio.sleep(0.1)
+        raise WorkerError(f"worker {worker.index} did not start in {START_TIMEOUT_S:.0f} s")
+
+    async def _supervise(self) -> None:
+        """Start a worker again when it dies (on the same port: its old ids stay its own)."""
+        while not self._closing:
+            await asyncio.sleep(RESTART_DELAY_S)
+            for i, w in enumerate(self.workers):
+                if w.process.is_alive() or self._closing:
+                    continue
+                log.error("worker %d (%s) died (exit code %s); its sessions are lost; "
+                          "starting it again", w.index, w.address, w.process.exitcode)
+                self.workers[i] = self._spawn(w.index, w.address)
+                try:
+                    await self._until_up(self.workers[i])
+                except WorkerError as exc:
+                    log.error("%s", exc)
+
+    # -- sessions ------------------------------------------------------------------------
+
+    async def _ask(self, worker: Worker, path: str, headers: dict[str, str] | None = None
+                   ) -> Any:
+        """A worker's JSON answer to GET ``path``, or None when it cannot answer."""
+        try:
+            async with self.http.get(f"{worker.url}{path}", headers=headers,
+                                     timeout=_QUERY_TIMEOUT) as r:
+                return await r.json(content_type=None)
+        except (aiohttp.ClientError, asyncio.TimeoutError, ValueError):
+            return None
+
+    async def loads(self) -> list[tuple[Worker, dict[str, Any]]]:
+        """Each live worker with its ``/readyz`` capacity figures."""
+        answers = await asyncio.gather(*(self._ask(w, "/readyz") for w in self.workers))
+        return [(w, a) for w, a in zip(self.workers, answers, strict=True)
+                if isinstance(a, dict) and "free" in a]
+
+    async def place(self) -> Worker | None:
+        """The worker with the most free slots; None when the server is full."""
+        loads = await self.loads()
+        active = sum(a["sessions"] + w.placing for w, a in loads)
+        free = [(a["free"] - w.placing, w) for w, a in loads if a["free"] - w.placing > 0]
+        if not free or active >= self.config.max_sessions:
+            return None
+        return max(free, key=lambda f: (f[0], -f[1].index))[1]
+
+    async def create_session(self, request: web.Request, worker: Worker) -> web.StreamResponse:
+        """``POST /v1/sessions`` answered by ``worker``."""
+        worker.placing += 1
+        try:
+            return await forward(self.http, request, worker.address, "front",
+                                 f"worker {worker.index}")
+        finally:
+            worker.placing -= 1
+
+    async def sessions(self, headers: dict[str, str]) -> list[Any]:
+        answers = await asyncio.gather(*(self._ask(w, "/v1/sessions", headers)
+                                         for w in self.workers))
+        return [s for a in answers if isinstance(a, list) for s in a]
+
+    # -- avatars ----------------------------------------------------------------------------
+
+    async def replay(self, method: str, path: str, headers: dict[str, str],
+                     data: Any = None) -> None:
+        """An avatar change made at the front, made on every worker too (a failure is
+        logged: that worker refuses the avatar until it is uploaded again)."""
+        headers = {**headers, FORWARDED: "front"}
+
+        async def one(w: Worker) -> None:
+            try:
+                async with self.http.request(method, f"{w.url}{path}", headers=headers,
+                                             data=data() if callable(data) else data,
+                                             timeout=aiohttp.ClientTimeout(total=60)) as r:
+                    if r.status >= 300 and not (method == "DELETE" and r.status == 404):
+                        log.warning("worker %d refused %s %s: %s %s", w.index, method, path,
+                                    r.status, (await r.text())[:200])
+            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+                log.warning("worker %d missed %s %s: %s", w.index, method, path, exc)
+
+        await asyncio.gather(*(one(w) for w in self.workers))
+
+    # -- metrics --------------------------------------------------------------------------
+
+    async def metrics(self, own: bytes) -> bytes:
+        """The front's metrics and every worker's, each sample labelled with its process."""
+        async def text(w: Worker) -> str:
+            try:
+                async with self.http.get(f"{w.url}/metrics", timeout=_QUERY_TIMEOUT) as r:
+                    return await r.text()
+            except (aiohttp.ClientError, asyncio.TimeoutError):
+                return ""
+
+        texts = await asyncio.gather(*(text(w) for w in self.workers))
+        return merge_metrics([("front", own.decode())]
+                             + [(str(w.index), t) for w, t in zip(self.workers, texts,
+                                                                   strict=True)])
+
+
+def _stop(process: multiprocessing.process.BaseProcess) -> None:
+    """SIGTERM (the worker closes its sessions), then SIGKILL after 10 s."""
+    if process.is_alive():
+        process.terminate()
+        process.join(10)
+    if process.is_alive():
+        process.kill()
+        process.join(5)
+
+
+class _Families:
+    """Metric families gathered from several expositions (a collector for one scrape)."""
+
+    def __init__(self, families: Iterable[Metric]) -> None:
+        self.families = list(families)
+
+    def collect(self) -> Iterable[Metric]:
+        return self.families
+
+
+def merge_metrics(sources: list[tuple[str, str]]) -> bytes:
+    """Several processes' Prometheus text as one exposition: a metric family once, with
+    a ``worker`` label on each sample naming the process it came from."""
+    merged: dict[str, Metric] = {}
+    for worker, text in sources:
+        for family in text_string_to_metric_families(text):
+            into = merged.setdefault(family.name,
+                                     Metric(family.name, family.documentation, family.type))
+            into.samples += [Sample(s.name, {**s.labels, "worker": worker}, s.value,
+                                    s.timestamp, s.exemplar) for s in family.samples]
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(_Families(merged.values()))  # type: ignore[arg-type]
+    return generate_latest(registry)

@@ -1,0 +1,194 @@
+"""Worker processes behind one front: sessions spread over the workers, every call for a
+session reaches its worker through the front, avatars and metrics span them all, a full
+server refuses, and a worker that dies is started again."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import time
+
+import aiohttp
+import cv2
+import numpy as np
+import pytest
+import pytest_asyncio
+from matplotlib import cbook
+from prometheus_client.parser import text_string_to_metric_families
+
+from avatar_stream import facerig
+from avatar_stream.avatar import load_image
+from avatar_stream.cli import serve_config
+from avatar_stream.client import MIC_RATE, AvatarClient
+from avatar_stream.config import ServerConfig
+from avatar_stream.control import RequestError
+from avatar_stream.routing import owner_of
+from avatar_stream.server import running_server
+from avatar_stream.workers import default_workers, merge_metrics
+
+ASYNC = pytest.mark.asyncio(loop_scope="module")
+
+
+def test_merged_metrics_name_each_process() -> None:
+    a = ('# HELP x_total X.\n# TYPE x_total counter\nx_total 3.0\n'
+         '# HELP h Step.\n# TYPE h histogram\n'
+         'h_bucket{le="1.0"} 2.0\nh_bucket{le="+Inf"} 2.0\nh_count 2.0\nh_sum 0.5\n')
+    b = '# HELP x_total X.\n# TYPE x_total counter\nx_total{kind="a"} 4.0\n'
+    families = {f.name: f for f in text_string_to_metric_families(
+        merge_metrics([("front", a), ("0", b)]).decode())}
+    assert {(s.labels.get("worker"), s.labels.get("kind"), s.value)
+            for s in families["x"].samples} == {("front", None, 3.0), ("0", "a", 4.0)}
+    assert families["x"].type == "counter" and families["h"].type == "histogram"
+    assert {s.labels["worker"] for s in families["h"].samples} == {"front"}
+
+
+def test_workers_by_default_one_per_core_for_cpu_engines(monkeypatch) -> None:
+    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    assert default_workers(ServerConfig(engine="warp")) == 4
+    assert default_workers(ServerConfig(engine="warp", max_sessions=2)) == 2
+    assert default_workers(ServerConfig(engine="flashhead")) == 1  # one process owns the GPU
+    assert default_workers(ServerConfig(engine="warp", advertise="10.0.0.1:8080")) == 1
+
+
+def _serve_args(*extra: str) -> argparse.Namespace:
+    from avatar_stream.cli import _add_serve
+
+    parser = argparse.ArgumentParser()
+    _add_serve(parser.add_subparsers(dest="command"))
+    return parser.parse_args(["serve", *extra])
+
+
+def test_workers_option_is_checked() -> None:
+    assert serve_config(_serve_args("--workers", "3")).workers == 3
+    for bad in ("0", "many"):
+        with pytest.raises(SystemExit, match="--workers must be"):
+            serve_config(_serve_args("--workers", bad))
+    with pytest.raises(SystemExit, match="--advertise"):
+        serve_config(_serve_args("--workers", "2", "--advertise", "10.0.0.1:8080"))
+
+
+@pytest.fixture(scope="module", autouse=True)
+def _private_cache(tmp_path_factory: pytest.TempPathFactory):
+    with pytest.MonkeyPatch.context() as mp:  # the workers inherit it
+        mp.setenv(facerig.CACHE_DIR_ENV, str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def front():
+    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
+                          engine="still", max_sessions=3, workers=2)
+    async with running_server(config) as (url, state):
+        async with aiohttp.ClientSession() as http:
+            yield url, state, http
+
+
+async def _until(condition, timeout: float, what: str) -> None:
+    deadline = time.perf_counter() + timeout
+    while not condition():
+        assert time.perf_counter() < deadline, what
+        await asyncio.sleep(0.05)
+
+
+async def _metric(http: aiohttp.ClientSession, url: str, name: str) -> dict[str, float]:
+    """A metric's value per worker label, read off the front's /metrics."""
+    async with http.get(f"{url}/metrics") as r:
+        assert r.status == 200
+        text = await r.text()
+    out: dict[str, float] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            if s.name == name:
+                out[s.labels["worker"]] = out.get(s.labels["worker"], 0.0) + s.value
+    return out
+
+
+@ASYNC
+async def test_sessions_spread_over_the_workers_and_calls_reach_them(front, speech48k) -> None:
+    url, state, http = front
+    assert not state.sessions  # the front runs none itself
+    async with AvatarClient(url) as a, AvatarClient(url) as b:
+        owners = {owner_of(a.session_id), owner_of(b.session_id)}
+        assert owners == state.pool.addresses  # one on each worker
+        async with http.get(f"{url}/readyz") as r:
+            body = await r.json()
+            assert r.status == 200 and body["sessions"] == 2 and body["workers"] == 2
+            assert body["free"] == 1  # --max-sessions 3 over the whole server
+        async with http.get(f"{url}/v1/sessions") as r:
+            assert {s["session_id"] for s in await r.json()} == {a.session_id, b.session_id}
+        # speech pushed through the front is spoken by that session's worker only
+        await a.push_speech(speech48k[: 2 * MIC_RATE], MIC_RATE)
+
+        def loud(c: AvatarClient) -> int:
+            return sum(1 for f in c.received.audio if np.sqrt(np.mean(f**2)) > 0.02)
+
+        await _until(lambda: loud(a) >= 25, 20, "the pushed speech never came back")
+        assert loud(b) == 0
+        await _until(lambda: len(a.received.video_t) > 50 and len(b.received.video_t) > 50,
+                     20, "video stopped")
+        async with http.post(f"{url}/v1/sessions/{a.session_id}/interrupt") as r:
+            assert r.status == 200
+        sent = await _metric(http, url, "avatar_frames_sent_total")
+        assert sent["0"] > 0 and sent["1"] > 0 and sent["front"] == 0
+        interrupts = await _metric(http, url, "avatar_interrupts_total")
+        assert sum(interrupts.values()) == 1
+    async with http.get(f"{url}/v1/sessions/{a.session_id}") as r:
+        assert r.status == 410  # its worker says: ended
+    async with http.get(f"{url}/readyz") as r:
+        assert (await r.json())["sessions"] == 0
+
+
+@ASYNC
+async def test_a_full_server_refuses_at_the_front(front) -> None:
+    url, state, http = front
+    async with AvatarClient(url), AvatarClient(url), AvatarClient(url):
+        refused = sum((await _metric(http, url, "avatar_sessions_refused_total")).values())
+        with pytest.raises(RequestError, match="503"):
+            async with AvatarClient(url):
+                pass
+        after = await _metric(http, url, "avatar_sessions_refused_total")
+        assert after["front"] >= 1 and sum(after.values()) == refused + 1
+
+
+@ASYNC
+async def test_avatars_uploaded_at_the_front_reach_every_worker(front) -> None:
+    url, state, http = front
+    portrait = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(portrait, cv2.COLOR_RGB2BGR))
+    async with http.post(f"{url}/v1/avatars?id=grace", data=jpeg.tobytes(),
+                         headers={"Content-Type": "image/jpeg"}) as r:
+        assert r.status == 201, await r.text()
+    async with AvatarClient(url, avatar="grace") as a, AvatarClient(url, avatar="grace") as b:
+        assert {owner_of(a.session_id), owner_of(b.session_id)} == state.pool.addresses
+        assert a.avatar_info["id"] == b.avatar_info["id"] == "grace"
+    async with http.delete(f"{url}/v1/avatars/grace") as r:
+        assert r.status == 204
+    for _ in range(2):  # on neither worker any more
+        with pytest.raises(RequestError, match="404"):
+            async with AvatarClient(url, avatar="grace"):
+                pass
+
+
+@ASYNC
+async def test_a_worker_that_dies_is_started_again(front) -> None:
+    url, state, http = front
+    victim = state.pool.workers[0]
+    async with AvatarClient(url) as a:
+        lost = a.session_id
+        victim.process.kill()
+        await _until(lambda: state.pool.workers[0].process is not victim.process
+                     and state.pool.workers[0].process.is_alive(), 30, "not restarted")
+
+    async def ready_workers() -> int:
+        async with http.get(f"{url}/readyz") as r:
+            return (await r.json())["workers"]
+
+    deadline = time.perf_counter() + 120
+    while await ready_workers() < 2:
+        assert time.perf_counter() < deadline, "the restarted worker never became ready"
+        await asyncio.sleep(0.2)
+    assert state.pool.workers[0].address == victim.address  # same port: same owner in ids
+    async with http.get(f"{url}/v1/sessions/{lost}") as r:
+        assert r.status in (404, 410)  # that session is gone with its process
+    async with AvatarClient(url) as a, AvatarClient(url) as b:  # both workers serve again
+        assert {owner_of(a.session_id), owner_of(b.session_id)} == state.pool.addresses
