@@ -56,7 +56,14 @@ def default_workers(config: ServerConfig) -> int:
     sessions' owner by address (``--advertise``) run one process each."""
     if config.engine not in CPU_ENGINES or config.advertise:
         return 1
-    return max(1, min(os.cpu_count() or 1, config.max_sessions))
+    return max(1, min(cores(), config.max_sessions))
+
+
+def cores() -> int:
+    """The cores this process may run on (a container's CPU set, not the host's count)."""
+    if hasattr(os, "sched_getaffinity"):
+        return len(os.sched_getaffinity(0))
+    return os.cpu_count() or 1
 
 
 @dataclass

@@ -2,19 +2,24 @@
 
 from __future__ import annotations
 
+import argparse
 import json
+import multiprocessing
 import os
 import subprocess
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
 from echo_peer import echo_peer
 
 from avatar_stream.bench import analysis as A
+from avatar_stream.bench.cli import run_sessions
 from avatar_stream.bench.machine import CpuMeter
-from avatar_stream.bench.runner import run_session
+from avatar_stream.bench.runner import run_session, server_or_url
+from avatar_stream.client import AUDIO_PREFETCH
 
 
 def chunked(samples: np.ndarray, t0: float, rate: int = 48000, n: int = 960, jitter: float = 0.0,
@@ -115,3 +120,19 @@ def test_cpu_meter_sees_this_process_working() -> None:
     assert share is not None
     cores = os.cpu_count() or 1
     assert 0.25 / cores <= share.busy <= 1.0 and 0 <= share.steal < 1, share
+
+
+async def test_sessions_spread_over_client_processes(speech48k) -> None:
+    """find-capacity's clients: sessions in other processes measure as they do here."""
+    args = argparse.Namespace(duration=8.0, mode="live", interrupt_every=0,
+                              audio_buffer=AUDIO_PREFETCH)
+    clip = speech48k[: 48000 * 3]
+    spawn = multiprocessing.get_context("spawn")
+    async with server_or_url(None, "still", ["127.0.0.1"]) as url:
+        with ProcessPoolExecutor(2, mp_context=spawn) as pool:
+            results, cpu = await run_sessions(url, clip, 2, args, record_mouth=False,
+                                              clients=(pool, 2))
+    assert len(results) == 2 and cpu is not None
+    for r in results:
+        assert r.fps > 20 and len(r.echo) >= 2, (r.fps, r.echo)
+        assert all(0.05 < lag < 0.6 for _, lag, _ in r.echo), r.echo

@@ -18,6 +18,7 @@ from prometheus_client.parser import text_string_to_metric_families
 
 from avatar_stream import facerig
 from avatar_stream.avatar import load_image
+from avatar_stream.bench.cli import session_processes
 from avatar_stream.cli import serve_config
 from avatar_stream.client import MIC_RATE, AvatarClient
 from avatar_stream.config import ServerConfig
@@ -43,7 +44,7 @@ def test_merged_metrics_name_each_process() -> None:
 
 
 def test_workers_by_default_one_per_core_for_cpu_engines(monkeypatch) -> None:
-    monkeypatch.setattr("os.cpu_count", lambda: 4)
+    monkeypatch.setattr("avatar_stream.workers.cores", lambda: 4)
     assert default_workers(ServerConfig(engine="warp")) == 4
     assert default_workers(ServerConfig(engine="warp", max_sessions=2)) == 2
     assert default_workers(ServerConfig(engine="flashhead")) == 1  # one process owns the GPU
@@ -192,3 +193,9 @@ async def test_a_worker_that_dies_is_started_again(front) -> None:
         assert r.status in (404, 410)  # that session is gone with its process
     async with AvatarClient(url) as a, AvatarClient(url) as b:  # both workers serve again
         assert {owner_of(a.session_id), owner_of(b.session_id)} == state.pool.addresses
+
+
+@ASYNC
+async def test_the_bench_sees_how_many_processes_serve_sessions(front) -> None:
+    url, state, http = front
+    assert await session_processes(url) == 2
