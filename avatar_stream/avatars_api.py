@@ -218,9 +218,7 @@ async def upload_avatar(request: web.Request) -> web.Response:
         raise _error(409, str(exc)) from None
     pool = request.app[STATE].pool
     if pool is not None:  # every worker process makes sessions with it
-        await pool.replay("POST", f"/v1/avatars?id={avatar.id}",
-                          {**_authorization(request), "Content-Type": "application/octet-stream"},
-                          photo)
+        await pool.add_avatar(avatar.id, photo, _authorization(request))
     info = store.info(avatar.id) or avatar.info()
     return web.json_response(info, status=201 if created else 200,
                              headers={"Location": f"/v1/avatars/{avatar.id}"})
@@ -266,8 +264,7 @@ async def delete_avatar(request: web.Request) -> web.Response:
         raise _error(404, f"unknown avatar {request.match_info['id']!r}")
     pool = request.app[STATE].pool
     if pool is not None:
-        await pool.replay("DELETE", f"/v1/avatars/{request.match_info['id']}",
-                          _authorization(request))
+        await pool.remove_avatar(request.match_info["id"], _authorization(request))
     return web.Response(status=204)
 
 

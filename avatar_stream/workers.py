@@ -72,6 +72,7 @@ class Worker:
     address: str  # 127.0.0.1:PORT, the owner its session ids name
     process: multiprocessing.process.BaseProcess
     placing: int = 0  # sessions being created on it right now
+    ready: bool = False  # up, and holding every avatar uploaded at the front
 
     @property
     def url(self) -> str:
@@ -112,6 +113,9 @@ class WorkerPool:
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         self._context = multiprocessing.get_context("spawn")  # no copy of the front's loop
+        # avatars uploaded at the front: id -> (photo, the uploader's credentials), for a
+        # worker started again
+        self.uploads: dict[str, tuple[bytes, dict[str, str]]] = {}
 
     @property
     def addresses(self) -> set[str]:
@@ -129,6 +133,8 @@ class WorkerPool:
         self.workers = [self._spawn(i) for i in range(self.count)]
         try:
             await asyncio.gather(*(self._until_up(w) for w in self.workers))
+            for w in self.workers:
+                w.ready = True
         except BaseException:
             await self.close()
             raise
@@ -181,11 +187,15 @@ class WorkerPool:
                     continue
                 log.error("worker %d (%s) died (exit code %s); its sessions are lost; "
                           "starting it again", w.index, w.address, w.process.exitcode)
-                self.workers[i] = self._spawn(w.index, w.address)
+                new = self.workers[i] = self._spawn(w.index, w.address)
                 try:
-                    await self._until_up(self.workers[i])
+                    await self._until_up(new)
                 except WorkerError as exc:
                     log.error("%s", exc)
+                    continue
+                for avatar_id, (photo, headers) in list(self.uploads.items()):
+                    await self._add_avatar(new, avatar_id, photo, headers)
+                new.ready = True
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -200,9 +210,10 @@ class WorkerPool:
             return None
 
     async def loads(self) -> list[tuple[Worker, dict[str, Any]]]:
-        """Each live worker with its ``/readyz`` capacity figures."""
-        answers = await asyncio.gather(*(self._ask(w, "/readyz") for w in self.workers))
-        return [(w, a) for w, a in zip(self.workers, answers, strict=True)
+        """Each ready worker with its ``/readyz`` capacity figures."""
+        ready = [w for w in self.workers if w.ready]
+        answers = await asyncio.gather(*(self._ask(w, "/readyz") for w in ready))
+        return [(w, a) for w, a in zip(ready, answers, strict=True)
                 if isinstance(a, dict) and "free" in a]
 
     async def place(self) -> Worker | None:
@@ -230,24 +241,36 @@ class WorkerPool:
 
     # -- avatars ----------------------------------------------------------------------------
 
-    async def replay(self, method: str, path: str, headers: dict[str, str],
-                     data: Any = None) -> None:
-        """An avatar change made at the front, made on every worker too (a failure is
-        logged: that worker refuses the avatar until it is uploaded again)."""
-        headers = {**headers, FORWARDED: "front"}
+    async def add_avatar(self, avatar_id: str, photo: bytes, headers: dict[str, str]) -> None:
+        """An avatar uploaded at the front, uploaded to every worker too (now, and again to a
+        worker that is started again)."""
+        self.uploads[avatar_id] = (photo, headers)
+        await asyncio.gather(*(self._add_avatar(w, avatar_id, photo, headers)
+                               for w in self.workers))
 
-        async def one(w: Worker) -> None:
-            try:
-                async with self.http.request(method, f"{w.url}{path}", headers=headers,
-                                             data=data() if callable(data) else data,
-                                             timeout=aiohttp.ClientTimeout(total=60)) as r:
-                    if r.status >= 300 and not (method == "DELETE" and r.status == 404):
-                        log.warning("worker %d refused %s %s: %s %s", w.index, method, path,
-                                    r.status, (await r.text())[:200])
-            except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-                log.warning("worker %d missed %s %s: %s", w.index, method, path, exc)
+    async def remove_avatar(self, avatar_id: str, headers: dict[str, str]) -> None:
+        self.uploads.pop(avatar_id, None)
+        await asyncio.gather(*(self._call(w, "DELETE", f"/v1/avatars/{avatar_id}", headers)
+                               for w in self.workers))
 
-        await asyncio.gather(*(one(w) for w in self.workers))
+    async def _add_avatar(self, worker: Worker, avatar_id: str, photo: bytes,
+                          headers: dict[str, str]) -> None:
+        await self._call(worker, "POST", f"/v1/avatars?id={avatar_id}",
+                         {**headers, "Content-Type": "application/octet-stream"}, photo)
+
+    async def _call(self, worker: Worker, method: str, path: str, headers: dict[str, str],
+                    data: bytes | None = None) -> None:
+        """A change made at the front, made on a worker (a failure is logged: that worker
+        then answers for the avatar as it did before)."""
+        try:
+            async with self.http.request(method, f"{worker.url}{path}", data=data,
+                                         headers={**headers, FORWARDED: "front"},
+                                         timeout=aiohttp.ClientTimeout(total=60)) as r:
+                if r.status >= 300 and not (method == "DELETE" and r.status == 404):
+                    log.warning("worker %d refused %s %s: %s %s", worker.index, method, path,
+                                r.status, (await r.text())[:200])
+        except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
+            log.warning("worker %d missed %s %s: %s", worker.index, method, path, exc)
 
     # -- metrics --------------------------------------------------------------------------
 

@@ -151,12 +151,16 @@ async def test_a_full_server_refuses_at_the_front(front) -> None:
         assert after["front"] >= 1 and sum(after.values()) == refused + 1
 
 
+def _photo() -> bytes:
+    portrait = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
+    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(portrait, cv2.COLOR_RGB2BGR))
+    return jpeg.tobytes()
+
+
 @ASYNC
 async def test_avatars_uploaded_at_the_front_reach_every_worker(front) -> None:
     url, state, http = front
-    portrait = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
-    ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(portrait, cv2.COLOR_RGB2BGR))
-    async with http.post(f"{url}/v1/avatars?id=grace", data=jpeg.tobytes(),
+    async with http.post(f"{url}/v1/avatars?id=grace", data=_photo(),
                          headers={"Content-Type": "image/jpeg"}) as r:
         assert r.status == 201, await r.text()
     async with AvatarClient(url, avatar="grace") as a, AvatarClient(url, avatar="grace") as b:
@@ -173,6 +177,9 @@ async def test_avatars_uploaded_at_the_front_reach_every_worker(front) -> None:
 @ASYNC
 async def test_a_worker_that_dies_is_started_again(front) -> None:
     url, state, http = front
+    async with http.post(f"{url}/v1/avatars?id=ada", data=_photo(),
+                         headers={"Content-Type": "image/jpeg"}) as r:
+        assert r.status == 201, await r.text()
     victim = state.pool.workers[0]
     async with AvatarClient(url) as a:
         lost = a.session_id
@@ -191,7 +198,8 @@ async def test_a_worker_that_dies_is_started_again(front) -> None:
     assert state.pool.workers[0].address == victim.address  # same port: same owner in ids
     async with http.get(f"{url}/v1/sessions/{lost}") as r:
         assert r.status in (404, 410)  # that session is gone with its process
-    async with AvatarClient(url) as a, AvatarClient(url) as b:  # both workers serve again
+    # both workers serve again, the new one with the avatar uploaded before it started
+    async with AvatarClient(url, avatar="ada") as a, AvatarClient(url, avatar="ada") as b:
         assert {owner_of(a.session_id), owner_of(b.session_id)} == state.pool.addresses
 
 
