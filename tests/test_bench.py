@@ -4,19 +4,17 @@ from __future__ import annotations
 
 import argparse
 import json
-import multiprocessing
 import os
 import subprocess
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor
 
 import numpy as np
 import pytest
 from echo_peer import echo_peer
 
 from avatar_stream.bench import analysis as A
-from avatar_stream.bench.cli import run_sessions
+from avatar_stream.bench.cli import client_processes, run_sessions
 from avatar_stream.bench.machine import CpuMeter
 from avatar_stream.bench.runner import run_session, server_or_url
 from avatar_stream.client import AUDIO_PREFETCH
@@ -127,11 +125,11 @@ async def test_sessions_spread_over_client_processes(speech48k) -> None:
     args = argparse.Namespace(duration=8.0, mode="live", interrupt_every=0,
                               audio_buffer=AUDIO_PREFETCH)
     clip = speech48k[: 48000 * 3]
-    spawn = multiprocessing.get_context("spawn")
     async with server_or_url(None, "still", ["127.0.0.1"]) as url:
-        with ProcessPoolExecutor(2, mp_context=spawn) as pool:
+        with client_processes(True) as clients:
+            assert clients is not None and clients[1] >= 1
             results, cpu = await run_sessions(url, clip, 2, args, record_mouth=False,
-                                              clients=(pool, 2))
+                                              clients=clients)
     assert len(results) == 2 and cpu is not None
     for r in results:
         assert r.fps > 20 and len(r.echo) >= 2, (r.fps, r.echo)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import logging
 import multiprocessing
 import shutil
@@ -11,6 +12,7 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -136,20 +138,25 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.find_capacity:
         out["capacity"] = await find_capacity(args, speech, hosts)
         return out
+    # one session shares this process with its server; several get processes of their own
+    many = args.sessions > 1
+    where = "own processes" if many else "in-process"
     print(f"bench: {args.sessions} session(s) x {args.duration:.0f} s "
-          f"({'server ' + args.url if args.url else args.engine + ' engine, in-process'})",
+          f"({'server ' + args.url if args.url else f'{args.engine} engine, {where}'})",
           file=sys.stderr)
-    async with server_or_url(args.url, args.engine, hosts) as url:
-        results, out["cpu"] = await run_sessions(url, speech, args.sessions, args)
-    out["sessions"] = results
-    out["summary"] = report.summarise(results)
-    if args.baseline:
-        print("bench: baseline (same path, no engine)", file=sys.stderr)
-        async with server_or_url(None, "still", hosts) as url:
-            base, out["baseline_cpu"] = await run_sessions(url, speech, args.sessions, args,
-                                                           record_mouth=False)
-        out["baseline_sessions"] = base
-        out["baseline"] = report.summarise(base)
+    with client_processes(many) as clients:
+        async with server_or_url(args.url, args.engine, hosts, own_process=many) as url:
+            results, out["cpu"] = await run_sessions(url, speech, args.sessions, args,
+                                                     clients=clients)
+        out["sessions"] = results
+        out["summary"] = report.summarise(results)
+        if args.baseline:
+            print("bench: baseline (same path, no engine)", file=sys.stderr)
+            async with server_or_url(None, "still", hosts, own_process=many) as url:
+                base, out["baseline_cpu"] = await run_sessions(
+                    url, speech, args.sessions, args, record_mouth=False, clients=clients)
+            out["baseline_sessions"] = base
+            out["baseline"] = report.summarise(base)
     return out
 
 
@@ -157,19 +164,16 @@ async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: lis
                         ) -> dict[str, Any]:
     levels: list[dict[str, Any]] = []
     capacity = 0
-    # the server gets processes of its own here, and the clients a process per core: many
-    # sessions in one process share its interpreter lock, and the figure would be the
-    # bench's (4 sessions' p95 echo: 412 ms from one client process, 286 ms from two)
-    n_clients = cores()
     async with server_or_url(args.url, args.engine, hosts, own_process=True) as url:
         workers = await session_processes(url)
-        print(f"  the server runs sessions in {workers} process{'es' if workers > 1 else ''}, "
-              f"the clients in {n_clients}", file=sys.stderr, flush=True)
-        with ProcessPoolExecutor(n_clients, mp_context=multiprocessing.get_context("spawn")
-                                 ) as clients:
+        with client_processes(True) as clients:
+            assert clients is not None
+            print(f"  the server runs sessions in {workers} "
+                  f"process{'es' if workers > 1 else ''}, the clients in {clients[1]}",
+                  file=sys.stderr, flush=True)
             for n in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16):
                 results, cpu = await run_sessions(url, speech, n, args, record_mouth=False,
-                                                  clients=(clients, n_clients))
+                                                  clients=clients)
                 summary = report.summarise(results)
                 echo_p95 = summary["echo latency"].get("p95", float("inf"))
                 min_fps = min(r.fps for r in results)
@@ -184,7 +188,21 @@ async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: lis
                     break
                 capacity = n
     return {"capacity": capacity, "levels": levels, "server_processes": workers,
-            "client_processes": n_clients}
+            "client_processes": clients[1]}
+
+
+@contextlib.contextmanager
+def client_processes(enabled: bool) -> Iterator[tuple[ProcessPoolExecutor, int] | None]:
+    """A process per core for many sessions' clients. Many sessions in one process share
+    its interpreter lock, and the figures would be the bench's: 4 sessions' p95 echo
+    latency measured 412 ms from one client process, 286 ms from two. The server gets
+    processes of its own for the same reason (``server_or_url``)."""
+    if not enabled:
+        yield None
+        return
+    n = cores()
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        yield pool, n
 
 
 async def session_processes(url: str) -> int:
