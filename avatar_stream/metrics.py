@@ -11,7 +11,13 @@ from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from typing import TYPE_CHECKING
 
-from prometheus_client import CollectorRegistry, Counter, Histogram, generate_latest
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Histogram,
+    ProcessCollector,
+    generate_latest,
+)
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
@@ -62,6 +68,7 @@ class Metrics:
         )
         self.retired = SyncStats()  # totals of sessions that have ended
         self.registry.register(_SessionCollector(sessions, self.retired))
+        ProcessCollector(registry=self.registry)  # process_cpu_seconds_total, memory, fds
 
     def retire(self, stats: SyncStats) -> None:
         """Fold an ended session's counters into the totals."""

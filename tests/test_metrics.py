@@ -57,6 +57,9 @@ async def test_metrics_move_during_a_session(speech48k) -> None:
     assert np.isfinite(value(during, "avatar_av_skew_seconds", f'{{session="{sid}"}}'))
     assert 0 <= value(during, "avatar_playout_reserve_seconds", f'{{session="{sid}"}}') <= 0.1
     value(during, "avatar_speech_queue_seconds", f'{{session="{sid}"}}')
+    # the process's own figures (the benchmark reads the server's CPU off them)
+    assert value(after, "process_cpu_seconds_total") > value(during, "process_cpu_seconds_total")
+    assert value(after, "process_resident_memory_bytes") > 50e6
     # a session's counters outlive it
     assert value(gone, "avatar_sessions_active") == 0
     assert value(gone, "avatar_frames_sent_total") >= value(after, "avatar_frames_sent_total")

@@ -26,7 +26,7 @@ from ..client import AUDIO_PREFETCH, MIC_RATE
 from ..ice import parse_addresses
 from ..workers import cores
 from . import report
-from .machine import CpuMeter, CpuShare
+from .machine import CpuMeter, CpuShare, server_cpu_seconds
 from .runner import SessionResult, progress_printer, run_session, server_or_url
 
 BENCH_TEXT = "Speech goes in, and a talking face comes out, with every word in sync."
@@ -91,11 +91,15 @@ def load_speech(path: Path | None) -> np.ndarray:
 
 async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Namespace,
                        record_mouth: bool = True,
-                       clients: tuple[ProcessPoolExecutor, int] | None = None
+                       clients: tuple[ProcessPoolExecutor, int] | None = None,
+                       server_apart: bool = True,
                        ) -> tuple[list[SessionResult], CpuShare | None]:
     """``n`` sessions at once; their results, and how busy the machine was meanwhile.
     With ``clients`` (a pool and its size), the sessions are spread over its processes, as
-    many users' clients never share one interpreter; otherwise they all run here."""
+    many users' clients never share one interpreter; otherwise they all run here.
+    ``server_apart``: the server runs in processes of its own, whose CPU time it reports."""
+    server_s = await server_cpu_seconds(url) if server_apart else None
+    t = time.perf_counter()
     with CpuMeter() as cpu:
         if clients is None:
             results = await _sessions(url, speech, range(n), n, args, record_mouth)
@@ -109,6 +113,9 @@ async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Name
                 for i in range(k)
             ))
             results = [r for part in parts for r in part]
+    server_end = await server_cpu_seconds(url) if server_s is not None else None
+    if cpu.share is not None and server_s is not None and server_end is not None:
+        cpu.share.server_cores = (server_end - server_s) / (time.perf_counter() - t)
     return results, cpu.share
 
 
@@ -147,14 +154,16 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     with client_processes(many) as clients:
         async with server_or_url(args.url, args.engine, hosts, own_process=many) as url:
             results, out["cpu"] = await run_sessions(url, speech, args.sessions, args,
-                                                     clients=clients)
+                                                     clients=clients,
+                                                     server_apart=many or bool(args.url))
         out["sessions"] = results
         out["summary"] = report.summarise(results)
         if args.baseline:
             print("bench: baseline (same path, no engine)", file=sys.stderr)
             async with server_or_url(None, "still", hosts, own_process=many) as url:
                 base, out["baseline_cpu"] = await run_sessions(
-                    url, speech, args.sessions, args, record_mouth=False, clients=clients)
+                    url, speech, args.sessions, args, record_mouth=False, clients=clients,
+                    server_apart=many)
             out["baseline_sessions"] = base
             out["baseline"] = report.summarise(base)
     return out

@@ -2,13 +2,18 @@
 
 On a shared virtual machine the hypervisor may run other guests on "our" cores: that time
 shows as *steal* in ``/proc/stat``. Latency and capacity measured while a quarter of the CPU
-is stolen are not the machine's figures, so every run reports it beside them.
+is stolen are not the machine's figures, so every run reports it beside them. And the
+benchmark's own clients run on the same cores as the server: the server's share, read off
+its ``/metrics`` (every process of it), says what the server alone costs.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+
+import aiohttp
+from prometheus_client.parser import text_string_to_metric_families
 
 PROC_STAT = Path("/proc/stat")
 
@@ -17,9 +22,26 @@ PROC_STAT = Path("/proc/stat")
 class CpuShare:
     busy: float  # fraction of all cores' time spent running (ours and everyone's)
     steal: float  # fraction taken by the hypervisor for other guests
+    server_cores: float | None = None  # the server's processes alone, in cores
 
     def describe(self) -> str:
-        return f"CPU {100 * self.busy:.0f}% busy, {100 * self.steal:.0f}% stolen by the host"
+        server = "" if self.server_cores is None else \
+            f"; the server used {self.server_cores:.2f} cores"
+        return (f"CPU {100 * self.busy:.0f}% busy, {100 * self.steal:.0f}% stolen by the "
+                f"host{server}")
+
+
+async def server_cpu_seconds(url: str) -> float | None:
+    """CPU seconds the server's processes have used (``process_cpu_seconds_total``, summed
+    over its worker processes); None when it does not say."""
+    try:
+        async with aiohttp.ClientSession() as http, http.get(f"{url}/metrics") as r:
+            text = await r.text()
+    except aiohttp.ClientError:
+        return None
+    values = [s.value for f in text_string_to_metric_families(text) for s in f.samples
+              if s.name == "process_cpu_seconds_total"]
+    return sum(values) if values else None
 
 
 def _read() -> list[int] | None:
