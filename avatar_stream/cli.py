@@ -15,7 +15,7 @@ from .routing import add_cli_options as add_replica_options
 from .serve_options import add_cli_options as add_speech_options
 from .serve_options import config_options as speech_options
 from .turn import add_cli_options as add_turn_options
-from .workers import default_workers
+from .workers import CPU_ENGINES, default_workers
 
 
 def _add_serve(sub: argparse._SubParsersAction) -> None:
@@ -62,6 +62,9 @@ def _workers(args: argparse.Namespace, config: ServerConfig) -> int:
     if workers < 1:
         raise SystemExit(f"avatar-stream: --workers must be a number of processes or auto, "
                          f"not {args.workers!r}")
+    if workers > 1 and config.engine not in CPU_ENGINES:
+        raise SystemExit(f"avatar-stream: --workers above 1 is for CPU engines "
+                         f"({', '.join(CPU_ENGINES)}): one process owns the GPU")
     if workers > 1 and config.advertise:
         raise SystemExit("avatar-stream: --workers above 1 cannot be combined with --advertise "
                          "(session ids name one address per replica)")

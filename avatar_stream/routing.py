@@ -32,6 +32,8 @@ from .config import ServerConfig
 log = logging.getLogger(__name__)
 
 FORWARDED = "X-Avatar-Forwarded"  # set on forwarded requests: never forward twice
+# on a response that another process answered: its errors are counted there
+ANSWERED_BY = web.ResponseKey("answered_by", str)
 PEER_TTL_S = 5.0  # how long a DNS answer for --peers is trusted
 _SESSION_PATH = re.compile(r"^/v1/sessions/([^/]+)(?:/|$)")
 _HOP_BY_HOP = {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te",
@@ -141,7 +143,9 @@ async def forward(http: aiohttp.ClientSession, request: web.Request, owner: str,
         ) as resp:
             body = await resp.read()
             out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
-            return web.Response(status=resp.status, body=body, headers=out)
+            response = web.Response(status=resp.status, body=body, headers=out)
+            response[ANSWERED_BY] = owner
+            return response
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
         return web.json_response({"error": f"{what} is unreachable: {exc}"}, status=502)
 

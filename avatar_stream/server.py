@@ -12,6 +12,7 @@ import contextlib
 import functools
 import json
 import logging
+import socket
 import time
 from collections import OrderedDict
 from collections.abc import AsyncIterator
@@ -40,7 +41,7 @@ from .engines import create_engine
 from .engines.base import Avatar, AvatarError, Engine
 from .ice import restrict_host_addresses
 from .metrics import CONTENT_TYPE, Metrics
-from .routing import Forwarder, owned_id
+from .routing import ANSWERED_BY, FORWARDED, Forwarder, owned_id
 from .session import OfferError, Session
 from .speech import SpeechError, SpeechProtocol, check_utterance_id, decode_body
 from .synchronizer import Event
@@ -146,7 +147,7 @@ async def count_errors(request: web.Request, handler: Any) -> web.StreamResponse
     except Exception:
         metrics.errors.labels("internal").inc()
         raise
-    if response.status >= 400:
+    if response.status >= 400 and ANSWERED_BY not in response:  # counted where answered
         metrics.errors.labels(_ERROR_KINDS.get(response.status, str(response.status))).inc()
     return response
 
@@ -203,7 +204,7 @@ def create_app(state: ServerState) -> web.Application:
     add_avatar_api(app)
     if pool:
         app.on_startup.append(pool.start)
-        app.on_cleanup.append(pool.close)
+        app.on_shutdown.append(pool.close)  # the workers' sessions end with the front's
     app.on_shutdown.append(_close_sessions)
     app.on_cleanup.append(_stop_engine)
     if forwarder:
@@ -389,13 +390,13 @@ async def create_session(request: web.Request) -> web.StreamResponse:
             **{"Retry-After": retry_after(wait)},
         )
     if state.pool is not None:  # a worker makes the session (workers.py)
-        worker = await state.pool.place()
-        if worker is None:
-            state.metrics.refused.inc()
-            return json_error(
-                503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
-            )
-        return await state.pool.create_session(request, worker)
+        response = await state.pool.create_session(request)
+        if response is not None:
+            return response
+        state.metrics.refused.inc()
+        return json_error(
+            503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
+        )
     sdp, avatar_id, whep = await _read_offer(request)
     if not sdp.lstrip().startswith("v=0"):
         return json_error(400, "invalid SDP offer: it must start with 'v=0'")
@@ -403,7 +404,8 @@ async def create_session(request: web.Request) -> web.StreamResponse:
     if avatar is None:
         return json_error(404, f"unknown avatar {avatar_id!r}")
     if not state.has_capacity:
-        state.metrics.refused.inc()
+        if request.headers.get(FORWARDED) != "front":  # the front tries another worker
+            state.metrics.refused.inc()
         return json_error(
             503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
         )
@@ -677,7 +679,8 @@ async def running_server(
         await runner.cleanup()
 
 
-def run(config: ServerConfig, announce: bool = True) -> None:
+def run(config: ServerConfig, announce: bool = True, sock: socket.socket | None = None
+        ) -> None:
     """Start the server and block; exits with a message if the avatar photo is unusable."""
 
     async def make() -> web.Application:
@@ -695,7 +698,10 @@ def run(config: ServerConfig, announce: bool = True) -> None:
         return app
 
     try:
-        web.run_app(make(), host=config.host, port=config.port, print=None)
+        if sock is not None:  # a worker process: the socket its front bound for it
+            web.run_app(make(), sock=sock, print=None)
+        else:
+            web.run_app(make(), host=config.host, port=config.port, print=None)
     except AvatarError as exc:
         raise SystemExit(f"avatar-stream: cannot use the avatar photo: {exc}") from None
     except WorkerError as exc:

@@ -70,22 +70,26 @@ def cores() -> int:
 class Worker:
     index: int
     address: str  # 127.0.0.1:PORT, the owner its session ids name
+    listener: socket.socket  # bound by the front for the pool's life: the port stays ours
     process: multiprocessing.process.BaseProcess
     placing: int = 0  # sessions being created on it right now
     ready: bool = False  # up, and holding every avatar uploaded at the front
+    failures: int = 0  # starts in a row that failed: the next waits longer
 
     @property
     def url(self) -> str:
         return f"http://{self.address}"
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+def _listener() -> socket.socket:
+    sock = socket.socket()
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    sock.bind(("127.0.0.1", 0))
+    sock.listen(128)
+    return sock
 
 
-def _serve(config: ServerConfig, parent: int) -> None:
+def _serve(config: ServerConfig, parent: int, listener: socket.socket) -> None:
     """A worker process: the ordinary server, ending when its front goes away."""
     from .server import run
 
@@ -99,20 +103,22 @@ def _serve(config: ServerConfig, parent: int) -> None:
                         f"{config.port} %(name)s: %(message)s")
     for noisy in ("aioice", "aiortc", "aiohttp.access"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    run(config, announce=False)
+    run(config, announce=False, sock=listener)
 
 
 class WorkerPool:
     """The front's worker processes: started with the app, stopped with it."""
 
     def __init__(self, config: ServerConfig, count: int) -> None:
-        self.config = config
         self.count = count
         self.workers: list[Worker] = []
         self._http: aiohttp.ClientSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         self._context = multiprocessing.get_context("spawn")  # no copy of the front's loop
+        self._placement = asyncio.Lock()
+        # one token secret for all: a session's token stays valid whichever process checks it
+        self.config = replace(config, token_secret=config.token_secret or os.urandom(32))
         # avatars uploaded at the front: id -> (photo, the uploader's credentials), for a
         # worker started again
         self.uploads: dict[str, tuple[bytes, dict[str, str]]] = {}
@@ -130,18 +136,20 @@ class WorkerPool:
     # -- life cycle --------------------------------------------------------------------
 
     async def start(self, app: web.Application | None = None) -> None:
-        self.workers = [self._spawn(i) for i in range(self.count)]
+        self.workers = [self._spawn(i, _listener()) for i in range(self.count)]
         try:
             await asyncio.gather(*(self._until_up(w) for w in self.workers))
-            for w in self.workers:
-                w.ready = True
         except BaseException:
             await self.close()
             raise
+        for w in self.workers:
+            w.ready = True
         log.info("%d worker processes: %s", self.count, ", ".join(w.address for w in self.workers))
         self._supervisor = asyncio.create_task(self._supervise())
 
     async def close(self, app: web.Application | None = None) -> None:
+        """At the front's shutdown: the workers close their sessions (which ends the calls
+        the front is forwarding to them), then exit."""
         self._closing = True
         if self._supervisor is not None:
             self._supervisor.cancel()
@@ -150,27 +158,34 @@ class WorkerPool:
         loop = asyncio.get_running_loop()
         await asyncio.gather(*(loop.run_in_executor(None, _stop, w.process)
                                for w in self.workers))
+        for w in self.workers:
+            w.listener.close()
         if self._http is not None:
             await self._http.close()
 
-    def _spawn(self, index: int, address: str | None = None) -> Worker:
-        port = int(address.rpartition(":")[2]) if address else _free_port()
+    def _limit(self, index: int) -> int:
+        """Worker ``index``'s share of ``--max-sessions`` (the shares add up to it)."""
+        share, extra = divmod(self.config.max_sessions, self.count)
+        return share + (1 if index < extra else 0)
+
+    def _spawn(self, index: int, listener: socket.socket) -> Worker:
+        port = listener.getsockname()[1]
         config = replace(
             self.config, host="127.0.0.1", port=port, advertise=f"127.0.0.1:{port}",
-            peers=None, workers=1, max_sessions=-(-self.config.max_sessions // self.count),
+            peers=None, workers=1, max_sessions=self._limit(index),
             sessions_per_ip_per_minute=0,  # the front limits callers: here all are the front
         )
-        process = self._context.Process(target=_serve, args=(config, os.getpid()),
+        process = self._context.Process(target=_serve, args=(config, os.getpid(), listener),
                                         name=f"avatar-stream-worker-{index}")
         process.start()
-        return Worker(index, config.advertise or "", process)
+        return Worker(index, config.advertise or "", listener, process)
 
     async def _until_up(self, worker: Worker) -> None:
         deadline = time.monotonic() + START_TIMEOUT_S
         while time.monotonic() < deadline:
             if not worker.process.is_alive():
                 raise WorkerError(f"worker {worker.index} exited at start-up "
-                                   f"(exit code {worker.process.exitcode}); see its log above")
+                                  f"(exit code {worker.process.exitcode}); see its log above")
             with contextlib.suppress(aiohttp.ClientError, asyncio.TimeoutError):
                 async with self.http.get(f"{worker.url}/healthz", timeout=_QUERY_TIMEOUT) as r:
                     if r.status == 200:
@@ -179,23 +194,41 @@ class WorkerPool:
         raise WorkerError(f"worker {worker.index} did not start in {START_TIMEOUT_S:.0f} s")
 
     async def _supervise(self) -> None:
-        """Start a worker again when it dies (on the same port: its old ids stay its own)."""
+        """Start a worker again when it dies, on the same socket (its ids stay its own); a
+        worker that missed an avatar upload takes no sessions until it has them all."""
         while not self._closing:
             await asyncio.sleep(RESTART_DELAY_S)
             for i, w in enumerate(self.workers):
-                if w.process.is_alive() or self._closing:
-                    continue
-                log.error("worker %d (%s) died (exit code %s); its sessions are lost; "
-                          "starting it again", w.index, w.address, w.process.exitcode)
-                new = self.workers[i] = self._spawn(w.index, w.address)
+                if self._closing:
+                    return
                 try:
-                    await self._until_up(new)
-                except WorkerError as exc:
-                    log.error("%s", exc)
-                    continue
-                for avatar_id, (photo, headers) in list(self.uploads.items()):
-                    await self._add_avatar(new, avatar_id, photo, headers)
-                new.ready = True
+                    if not w.process.is_alive():
+                        await self._restart(i, w)
+                    elif not w.ready:
+                        w.ready = await self._upload_all(w)
+                except Exception:  # never let the supervisor die quietly
+                    log.exception("worker %d: supervision failed", w.index)
+
+    async def _restart(self, i: int, w: Worker) -> None:
+        log.error("worker %d (%s) died (exit code %s); its sessions are lost; starting it "
+                  "again", w.index, w.address, w.process.exitcode)
+        await asyncio.sleep(min(30.0, RESTART_DELAY_S * (2**w.failures - 1)))  # backoff
+        new = self.workers[i] = self._spawn(w.index, w.listener)
+        new.failures = w.failures
+        try:
+            await self._until_up(new)
+        except WorkerError as exc:
+            log.error("%s", exc)
+            new.failures += 1
+            await asyncio.get_running_loop().run_in_executor(None, _stop, new.process)
+            return
+        new.failures = 0
+        new.ready = await self._upload_all(new)
+
+    async def _upload_all(self, worker: Worker) -> bool:
+        results = [await self._add_avatar(worker, avatar_id, photo, headers)
+                   for avatar_id, (photo, headers) in list(self.uploads.items())]
+        return all(results)
 
     # -- sessions ------------------------------------------------------------------------
 
@@ -216,23 +249,29 @@ class WorkerPool:
         return [(w, a) for w, a in zip(ready, answers, strict=True)
                 if isinstance(a, dict) and "free" in a]
 
-    async def place(self) -> Worker | None:
-        """The worker with the most free slots; None when the server is full."""
-        loads = await self.loads()
-        active = sum(a["sessions"] + w.placing for w, a in loads)
-        free = [(a["free"] - w.placing, w) for w, a in loads if a["free"] - w.placing > 0]
-        if not free or active >= self.config.max_sessions:
-            return None
-        return max(free, key=lambda f: (f[0], -f[1].index))[1]
-
-    async def create_session(self, request: web.Request, worker: Worker) -> web.StreamResponse:
-        """``POST /v1/sessions`` answered by ``worker``."""
-        worker.placing += 1
-        try:
-            return await forward(self.http, request, worker.address, "front",
-                                 f"worker {worker.index}")
-        finally:
-            worker.placing -= 1
+    async def create_session(self, request: web.Request) -> web.StreamResponse | None:
+        """``POST /v1/sessions``, answered by the worker with the most free slots (or the
+        next, when it turns out full); None when every worker is full. Each worker admits
+        only its share of ``--max-sessions``, so the whole server never takes more."""
+        tried: set[int] = set()
+        while True:
+            async with self._placement:  # concurrent requests spread over the workers
+                # the fewest sessions first; of those, the most room
+                loads = [(a["sessions"] + w.placing, -(a["free"] - w.placing), w.index, w)
+                         for w, a in await self.loads()
+                         if w.index not in tried and a["free"] - w.placing > 0]
+                if not loads:
+                    return None
+                worker = min(loads, key=lambda load: load[:3])[3]
+                worker.placing += 1
+            try:
+                response = await forward(self.http, request, worker.address, "front",
+                                         f"worker {worker.index}")
+            finally:
+                worker.placing -= 1
+            if response.status != 503:
+                return response
+            tried.add(worker.index)  # full after all (a session came in meanwhile)
 
     async def sessions(self, headers: dict[str, str]) -> list[Any]:
         answers = await asyncio.gather(*(self._ask(w, "/v1/sessions", headers)
@@ -254,23 +293,29 @@ class WorkerPool:
                                for w in self.workers))
 
     async def _add_avatar(self, worker: Worker, avatar_id: str, photo: bytes,
-                          headers: dict[str, str]) -> None:
-        await self._call(worker, "POST", f"/v1/avatars?id={avatar_id}",
-                         {**headers, "Content-Type": "application/octet-stream"}, photo)
+                          headers: dict[str, str]) -> bool:
+        """Upload to one worker; one that misses it takes no sessions until the supervisor
+        has uploaded it again (else that avatar would fail on that worker only)."""
+        ok = await self._call(worker, "POST", f"/v1/avatars?id={avatar_id}",
+                              {**headers, "Content-Type": "application/octet-stream"}, photo)
+        if not ok:
+            worker.ready = False
+        return ok
 
     async def _call(self, worker: Worker, method: str, path: str, headers: dict[str, str],
-                    data: bytes | None = None) -> None:
-        """A change made at the front, made on a worker (a failure is logged: that worker
-        then answers for the avatar as it did before)."""
+                    data: bytes | None = None) -> bool:
+        """A change made at the front, made on a worker; False (and logged) if it was not."""
         try:
             async with self.http.request(method, f"{worker.url}{path}", data=data,
                                          headers={**headers, FORWARDED: "front"},
                                          timeout=aiohttp.ClientTimeout(total=60)) as r:
-                if r.status >= 300 and not (method == "DELETE" and r.status == 404):
-                    log.warning("worker %d refused %s %s: %s %s", worker.index, method, path,
-                                r.status, (await r.text())[:200])
+                if r.status < 300 or (method == "DELETE" and r.status == 404):
+                    return True
+                log.warning("worker %d refused %s %s: %s %s", worker.index, method, path,
+                            r.status, (await r.text())[:200])
         except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
             log.warning("worker %d missed %s %s: %s", worker.index, method, path, exc)
+        return False
 
     # -- metrics --------------------------------------------------------------------------
 

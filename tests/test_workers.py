@@ -91,6 +91,18 @@ async def _until(condition, timeout: float, what: str) -> None:
         await asyncio.sleep(0.05)
 
 
+async def _no_sessions(http: aiohttp.ClientSession, url: str) -> None:
+    """Until the sessions of earlier tests have ended on their workers (a worker's share of
+    --max-sessions is small here)."""
+    deadline = time.perf_counter() + 20
+    while True:
+        async with http.get(f"{url}/readyz") as r:
+            if (await r.json())["sessions"] == 0:
+                return
+        assert time.perf_counter() < deadline, "earlier sessions never ended"
+        await asyncio.sleep(0.05)
+
+
 async def _metric(http: aiohttp.ClientSession, url: str, name: str) -> dict[str, float]:
     """A metric's value per worker label, read off the front's /metrics."""
     async with http.get(f"{url}/metrics") as r:
@@ -107,6 +119,7 @@ async def _metric(http: aiohttp.ClientSession, url: str, name: str) -> dict[str,
 @ASYNC
 async def test_sessions_spread_over_the_workers_and_calls_reach_them(front, speech48k) -> None:
     url, state, http = front
+    await _no_sessions(http, url)
     assert not state.sessions  # the front runs none itself
     async with AvatarClient(url) as a, AvatarClient(url) as b:
         owners = {owner_of(a.session_id), owner_of(b.session_id)}
@@ -142,13 +155,21 @@ async def test_sessions_spread_over_the_workers_and_calls_reach_them(front, spee
 @ASYNC
 async def test_a_full_server_refuses_at_the_front(front) -> None:
     url, state, http = front
-    async with AvatarClient(url), AvatarClient(url), AvatarClient(url):
+    await _no_sessions(http, url)
+    clients = [AvatarClient(url) for _ in range(3)]
+    try:
+        # created at the same moment, they still spread (2 + 1: the workers' shares of 3)
+        await asyncio.gather(*(c.connect() for c in clients))
+        owners = [owner_of(c.session_id) for c in clients]
+        assert sorted(owners.count(a) for a in state.pool.addresses) == [1, 2]
         refused = sum((await _metric(http, url, "avatar_sessions_refused_total")).values())
         with pytest.raises(RequestError, match="503"):
             async with AvatarClient(url):
                 pass
         after = await _metric(http, url, "avatar_sessions_refused_total")
         assert after["front"] >= 1 and sum(after.values()) == refused + 1
+    finally:
+        await asyncio.gather(*(c.close() for c in clients))
 
 
 def _photo() -> bytes:
@@ -163,6 +184,7 @@ async def test_avatars_uploaded_at_the_front_reach_every_worker(front) -> None:
     async with http.post(f"{url}/v1/avatars?id=grace", data=_photo(),
                          headers={"Content-Type": "image/jpeg"}) as r:
         assert r.status == 201, await r.text()
+    await _no_sessions(http, url)
     async with AvatarClient(url, avatar="grace") as a, AvatarClient(url, avatar="grace") as b:
         assert {owner_of(a.session_id), owner_of(b.session_id)} == state.pool.addresses
         assert a.avatar_info["id"] == b.avatar_info["id"] == "grace"
@@ -180,12 +202,14 @@ async def test_a_worker_that_dies_is_started_again(front) -> None:
     async with http.post(f"{url}/v1/avatars?id=ada", data=_photo(),
                          headers={"Content-Type": "image/jpeg"}) as r:
         assert r.status == 201, await r.text()
-    victim = state.pool.workers[0]
+    await _no_sessions(http, url)
     async with AvatarClient(url) as a:
         lost = a.session_id
+        i, victim = next((i, w) for i, w in enumerate(state.pool.workers)
+                         if w.address == owner_of(lost))
         victim.process.kill()
-        await _until(lambda: state.pool.workers[0].process is not victim.process
-                     and state.pool.workers[0].process.is_alive(), 30, "not restarted")
+        await _until(lambda: state.pool.workers[i].process is not victim.process
+                     and state.pool.workers[i].process.is_alive(), 30, "not restarted")
 
     async def ready_workers() -> int:
         async with http.get(f"{url}/readyz") as r:
@@ -195,9 +219,10 @@ async def test_a_worker_that_dies_is_started_again(front) -> None:
     while await ready_workers() < 2:
         assert time.perf_counter() < deadline, "the restarted worker never became ready"
         await asyncio.sleep(0.2)
-    assert state.pool.workers[0].address == victim.address  # same port: same owner in ids
+    assert state.pool.workers[i].address == victim.address  # same port: same owner in ids
     async with http.get(f"{url}/v1/sessions/{lost}") as r:
-        assert r.status in (404, 410)  # that session is gone with its process
+        assert r.status == 404  # that session is gone with its process
+    await _no_sessions(http, url)
     # both workers serve again, the new one with the avatar uploaded before it started
     async with AvatarClient(url, avatar="ada") as a, AvatarClient(url, avatar="ada") as b:
         assert {owner_of(a.session_id), owner_of(b.session_id)} == state.pool.addresses
@@ -207,3 +232,14 @@ async def test_a_worker_that_dies_is_started_again(front) -> None:
 async def test_the_bench_sees_how_many_processes_serve_sessions(front) -> None:
     url, state, http = front
     assert await session_processes(url) == 2
+
+
+async def test_the_workers_end_with_the_front() -> None:
+    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
+                          engine="still", workers=2)
+    async with running_server(config) as (url, state), AvatarClient(url) as client:
+        processes = [w.process for w in state.pool.workers]
+        assert all(p.is_alive() for p in processes) and client.session_id
+    # the session was closed by its worker, and no worker outlives the front
+    assert not any(p.is_alive() for p in processes)
+    assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]

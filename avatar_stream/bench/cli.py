@@ -114,7 +114,8 @@ async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Name
             ))
             results = [r for part in parts for r in part]
     server_end = await server_cpu_seconds(url) if server_s is not None else None
-    if cpu.share is not None and server_s is not None and server_end is not None:
+    if (cpu.share is not None and server_s is not None and server_end is not None
+            and server_end >= server_s):  # not when a worker process was started again
         cpu.share.server_cores = (server_end - server_s) / (time.perf_counter() - t)
     return results, cpu.share
 

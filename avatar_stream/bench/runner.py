@@ -299,7 +299,7 @@ async def _server_process(engine: str, host_addresses: list[str]) -> AsyncIterat
     url = f"http://127.0.0.1:{port}"
     try:
         async with aiohttp.ClientSession() as http:
-            for _ in range(300):
+            for _ in range(1800):  # its worker processes load the engine first
                 if proc.returncode is not None:
                     raise RuntimeError("the server process exited at start-up")
                 with contextlib.suppress(aiohttp.ClientError):
@@ -308,7 +308,7 @@ async def _server_process(engine: str, host_addresses: list[str]) -> AsyncIterat
                             break
                 await asyncio.sleep(0.1)
             else:
-                raise RuntimeError("the server process did not come up in 30 s")
+                raise RuntimeError("the server process did not come up in 180 s")
         yield url
     finally:
         if proc.returncode is None:
