@@ -64,6 +64,8 @@ def test_workers_option_is_checked() -> None:
     for bad in ("0", "many"):
         with pytest.raises(SystemExit, match="--workers must be"):
             serve_config(_serve_args("--workers", bad))
+    with pytest.raises(SystemExit, match="CPU engines"):  # one process owns the GPU
+        serve_config(_serve_args("--workers", "2", "--engine", "flashhead"))
     with pytest.raises(SystemExit, match="--advertise"):
         serve_config(_serve_args("--workers", "2", "--advertise", "10.0.0.1:8080"))
 
@@ -243,3 +245,33 @@ async def test_the_workers_end_with_the_front() -> None:
     # the session was closed by its worker, and no worker outlives the front
     assert not any(p.is_alive() for p in processes)
     assert all(p.exitcode == 0 for p in processes), [p.exitcode for p in processes]
+
+
+async def test_keys_and_tokens_hold_across_the_workers() -> None:
+    """With an API key: the front checks it, the workers check it again on what it hands
+    them, and a session's token is good for its own calls through the front."""
+    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
+                          engine="still", workers=2, api_key="k3y")
+    key = {"Authorization": "Bearer k3y"}
+    async with running_server(config) as (url, state), aiohttp.ClientSession() as http:
+        async with http.post(f"{url}/v1/avatars?id=grace", data=_photo(),
+                             headers={**key, "Content-Type": "image/jpeg"}) as r:
+            assert r.status == 201, await r.text()
+        with pytest.raises(RequestError, match="401"):
+            async with AvatarClient(url):
+                pass
+        async with AvatarClient(url, api_key="k3y", avatar="grace") as a, \
+                AvatarClient(url, api_key="k3y", avatar="grace") as b:
+            assert {owner_of(a.session_id), owner_of(b.session_id)} == state.pool.addresses
+            async with http.get(f"{url}/v1/sessions") as r:
+                assert r.status == 401
+            async with http.get(f"{url}/v1/sessions", headers=key) as r:
+                assert {s["session_id"] for s in await r.json()} == {a.session_id,
+                                                                     b.session_id}
+            token = {"Authorization": f"Bearer {a.token}"}
+            async with http.post(f"{url}/v1/sessions/{a.session_id}/interrupt",
+                                 headers=token) as r:
+                assert r.status == 200
+            async with http.post(f"{url}/v1/sessions/{b.session_id}/interrupt",
+                                 headers=token) as r:
+                assert r.status == 403  # a's token is not b's
