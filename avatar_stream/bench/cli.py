@@ -7,6 +7,7 @@ import asyncio
 import contextlib
 import logging
 import multiprocessing
+import os
 import shutil
 import subprocess
 import sys
@@ -212,7 +213,13 @@ def client_processes(enabled: bool) -> Iterator[tuple[ProcessPoolExecutor, int] 
         return
     n = cores()
     with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # start them (and their imports) now, not inside the first measurement
+        list(pool.map(_client_process_ready, range(n)))
         yield pool, n
+
+
+def _client_process_ready(_: int) -> int:
+    return os.getpid()
 
 
 async def session_processes(url: str) -> int:
