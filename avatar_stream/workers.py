@@ -5,7 +5,7 @@ process runs Python on one core at a time (the interpreter lock). Measured on a 
 machine, one process stopped at 3 warp sessions with a quarter of the CPU idle, while two
 processes ran 4 at full rate. So with ``--workers N`` the process that owns the public
 address (the front) runs no sessions itself: each worker is a whole server on a loopback
-port, the front places each new session on the worker with the most free slots, and every
+port, the front places each new session on the worker with the fewest sessions, and every
 later call for that session reaches its worker through the session id, exactly as calls
 reach another replica (``routing.py``). Media never passes through the front: a worker's
 answer carries its own ICE candidates. Avatars uploaded or deleted at the front are
@@ -250,7 +250,7 @@ class WorkerPool:
                 if isinstance(a, dict) and "free" in a]
 
     async def create_session(self, request: web.Request) -> web.StreamResponse | None:
-        """``POST /v1/sessions``, answered by the worker with the most free slots (or the
+        """``POST /v1/sessions``, answered by the worker with the fewest sessions (or the
         next, when it turns out full); None when every worker is full. Each worker admits
         only its share of ``--max-sessions``, so the whole server never takes more."""
         tried: set[int] = set()
