@@ -65,6 +65,13 @@ class TokenIssuer:
             raise AuthError(401, "token expired")
 
 
+def passed_on(request: web.Request) -> dict[str, str]:
+    """The caller's ``Authorization`` header, for the calls made on its behalf to the worker
+    processes (which check it again)."""
+    auth = request.headers.get("Authorization")
+    return {"Authorization": auth} if auth else {}
+
+
 @dataclass
 class Credentials:
     """What a request carries: a bearer value from the header or the ``token`` query."""

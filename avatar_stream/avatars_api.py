@@ -28,7 +28,7 @@ from typing import Any, TypeVar
 
 from aiohttp import BodyPartReader, web
 
-from .auth import AuthError, Credentials
+from .auth import AuthError, Credentials, passed_on
 from .avatars import DEFAULT_ID, AvatarConflict, AvatarStore, photos_in
 from .engines.base import Avatar, AvatarError
 from .facerig import PhotoError
@@ -218,7 +218,7 @@ async def upload_avatar(request: web.Request) -> web.Response:
         raise _error(409, str(exc)) from None
     pool = request.app[STATE].pool
     if pool is not None:  # every worker process makes sessions with it
-        await pool.add_avatar(avatar.id, photo, _authorization(request))
+        await pool.add_avatar(avatar.id, photo, passed_on(request))
     info = store.info(avatar.id) or avatar.info()
     return web.json_response(info, status=201 if created else 200,
                              headers={"Location": f"/v1/avatars/{avatar.id}"})
@@ -264,14 +264,8 @@ async def delete_avatar(request: web.Request) -> web.Response:
         raise _error(404, f"unknown avatar {request.match_info['id']!r}")
     pool = request.app[STATE].pool
     if pool is not None:
-        await pool.remove_avatar(request.match_info["id"], _authorization(request))
+        await pool.remove_avatar(request.match_info["id"], passed_on(request))
     return web.Response(status=204)
-
-
-def _authorization(request: web.Request) -> dict[str, str]:
-    """The caller's credentials, for the same call replayed on the worker processes."""
-    auth = request.headers.get("Authorization")
-    return {"Authorization": auth} if auth else {}
 
 
 # -- offline animation ------------------------------------------------------------------------

@@ -32,6 +32,7 @@ from .auth import (
     TokenIssuer,
     client_ip,
     cors_middleware,
+    passed_on,
     retry_after,
 )
 from .avatar import reference_image
@@ -315,7 +316,7 @@ async def readyz(request: web.Request) -> web.Response:
     if state.pool is not None:  # the workers' sessions, and room on the live ones
         loads = await state.pool.loads()
         active = sum(a["sessions"] for _, a in loads)
-        free = min(sum(a["free"] for _, a in loads), max(0, state.max_sessions - active))
+        free = sum(a["free"] for _, a in loads)  # their shares add up to --max-sessions
         body.update(sessions=active, free=free, workers=len(loads))
         if free == 0:
             return web.json_response({"status": "full", **body}, status=503)
@@ -459,9 +460,7 @@ async def list_sessions(request: web.Request) -> web.Response:
     _require_server(request)
     state = request.app[STATE]
     if state.pool is not None:
-        auth = request.headers.get("Authorization")
-        return web.json_response(await state.pool.sessions(
-            {"Authorization": auth} if auth else {}))
+        return web.json_response(await state.pool.sessions(passed_on(request)))
     return web.json_response([s.stats() for s in state.sessions.values()])
 
 

@@ -174,18 +174,20 @@ async def test_a_full_server_refuses_at_the_front(front) -> None:
         await asyncio.gather(*(c.close() for c in clients))
 
 
-def _photo() -> bytes:
+async def _upload(http: aiohttp.ClientSession, url: str, avatar_id: str,
+                  headers: dict[str, str] | None = None) -> None:
+    """A portrait uploaded at the front as ``avatar_id``."""
     portrait = load_image(cbook.get_sample_data("grace_hopper.jpg", asfileobj=False))
     ok, jpeg = cv2.imencode(".jpg", cv2.cvtColor(portrait, cv2.COLOR_RGB2BGR))
-    return jpeg.tobytes()
+    async with http.post(f"{url}/v1/avatars?id={avatar_id}", data=jpeg.tobytes(),
+                         headers={**(headers or {}), "Content-Type": "image/jpeg"}) as r:
+        assert r.status == 201, await r.text()
 
 
 @ASYNC
 async def test_avatars_uploaded_at_the_front_reach_every_worker(front) -> None:
     url, state, http = front
-    async with http.post(f"{url}/v1/avatars?id=grace", data=_photo(),
-                         headers={"Content-Type": "image/jpeg"}) as r:
-        assert r.status == 201, await r.text()
+    await _upload(http, url, "grace")
     await _no_sessions(http, url)
     async with AvatarClient(url, avatar="grace") as a, AvatarClient(url, avatar="grace") as b:
         assert {owner_of(a.session_id), owner_of(b.session_id)} == state.pool.addresses
@@ -201,9 +203,7 @@ async def test_avatars_uploaded_at_the_front_reach_every_worker(front) -> None:
 @ASYNC
 async def test_a_worker_that_dies_is_started_again(front) -> None:
     url, state, http = front
-    async with http.post(f"{url}/v1/avatars?id=ada", data=_photo(),
-                         headers={"Content-Type": "image/jpeg"}) as r:
-        assert r.status == 201, await r.text()
+    await _upload(http, url, "ada")
     await _no_sessions(http, url)
     async with AvatarClient(url) as a:
         lost = a.session_id
@@ -254,9 +254,7 @@ async def test_keys_and_tokens_hold_across_the_workers() -> None:
                           engine="still", workers=2, api_key="k3y")
     key = {"Authorization": "Bearer k3y"}
     async with running_server(config) as (url, state), aiohttp.ClientSession() as http:
-        async with http.post(f"{url}/v1/avatars?id=grace", data=_photo(),
-                             headers={**key, "Content-Type": "image/jpeg"}) as r:
-            assert r.status == 201, await r.text()
+        await _upload(http, url, "grace", key)
         with pytest.raises(RequestError, match="401"):
             async with AvatarClient(url):
                 pass
