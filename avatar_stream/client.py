@@ -38,6 +38,7 @@ from .control import (
     SpeechSender,
     stream_pcm16,
 )
+from .encoders import OpusPacketEncoder, use_avatar_encoders
 from .ice import filter_candidates, restrict_host_addresses, rtc_configuration
 from .ingest import frame_to_mono
 from .jitterbuffer import ArrivalRecordingBuffer, record_arrivals
@@ -72,6 +73,7 @@ class SpeechTrack(MediaStreamTrack):
         self._t0: float | None = None
         self.record = record
         self.sent_chunks: list[np.ndarray] = []
+        self.opus: OpusPacketEncoder | None = None  # set once Opus is negotiated
         self.play_started: list[tuple[float, int]] = []  # (time, sample index) of play()
 
     @property
@@ -94,7 +96,7 @@ class SpeechTrack(MediaStreamTrack):
     def playing(self) -> bool:
         return self._pos < len(self._clip)
 
-    async def recv(self) -> av.AudioFrame:
+    async def recv(self) -> av.AudioFrame | av.Packet:
         if self.readyState != "live":
             raise MediaStreamError
         if self._t0 is None:
@@ -113,7 +115,7 @@ class SpeechTrack(MediaStreamTrack):
         frame.pts = self._n * MIC_FRAME
         frame.time_base = fractions.Fraction(1, MIC_RATE)
         self._n += 1
-        return frame
+        return self.opus.encode(frame) if self.opus is not None else frame
 
 
 @dataclass
@@ -248,6 +250,7 @@ class AvatarClient(SessionCalls):
         self.avatar_info = data.get("avatar", {})
         answer = filter_candidates(data["sdp"], self.ice_host_addresses)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
+        use_avatar_encoders(self.pc)  # the microphone encodes its own Opus, as the server does
         self._arrivals = record_arrivals(
             self.pc, None if self.decode_video else self._frame_arrived, self.audio_prefetch
         )

@@ -21,6 +21,11 @@ def frame_to_mono(frame: av.AudioFrame) -> np.ndarray:
     """Decode a PyAV audio frame (packed or planar, int or float) to float32 mono."""
     data = frame.to_ndarray()
     channels = len(frame.layout.channels)
+    if channels == 2 and data.dtype == np.int16 and not frame.format.is_planar:
+        # what aiortc's Opus decoder gives, 50 times a second per session: the general
+        # path below costs three times as much
+        pairs = data.reshape(-1, 2)
+        return (pairs[:, 0].astype(np.float32) + pairs[:, 1]) * np.float32(0.5 / 32768.0)
     if frame.format.is_planar:
         data = data.reshape(channels, -1)
     else:

@@ -4,7 +4,8 @@ aiortc calls ``recv()`` as fast as it returns, so these tracks never make up tim
 pace themselves: the synchronizer puts each frame in at its deadline, already stamped, and
 ``recv()`` just waits for it. The queue is bounded and drops the oldest frame if the encoder
 falls behind: tiny for video, so a slow consumer cannot turn into latency; longer for
-audio, so a stall of the encoder delays speech instead of cutting it.
+audio, so a stall of the encoder delays speech instead of cutting it. Given an ``opus``
+encoder (once Opus is negotiated), the audio track hands aiortc encoded packets.
 """
 
 from __future__ import annotations
@@ -16,6 +17,8 @@ from collections.abc import Callable
 
 import av
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+
+from .encoders import OpusPacketEncoder
 
 
 class PacedTrack(MediaStreamTrack):
@@ -37,6 +40,7 @@ class PacedTrack(MediaStreamTrack):
         # encode cost, reported through on_consumed
         self._on_consumed = on_consumed
         self._returned_at: float | None = None
+        self.opus: OpusPacketEncoder | None = None
 
     def put(self, frame: av.frame.Frame) -> None:
         if len(self._frames) == self._frames.maxlen:
@@ -47,7 +51,7 @@ class PacedTrack(MediaStreamTrack):
     def clear(self) -> None:
         self._frames.clear()
 
-    async def recv(self) -> av.frame.Frame:
+    async def recv(self) -> av.frame.Frame | av.Packet:
         if self._returned_at is not None and self._on_consumed is not None:
             self._on_consumed(time.perf_counter() - self._returned_at)
         while not self._frames:
@@ -61,6 +65,8 @@ class PacedTrack(MediaStreamTrack):
         self._returned_at = time.perf_counter()
         self.last_wait_s = self._returned_at - put_at
         self.sent += 1
+        if self.opus is not None and isinstance(frame, av.AudioFrame):
+            return self.opus.encode(frame)  # timed with aiortc's send, through on_consumed
         return frame
 
     def stop(self) -> None:

@@ -5,16 +5,16 @@ from __future__ import annotations
 import asyncio
 import time
 
+import av
 import numpy as np
 import pytest
 import pytest_asyncio
-from aiortc.codecs.opus import OpusEncoder
 from speechtools import until
 
 from avatar_stream.bench.analysis import echo_lag, mouth_motion
 from avatar_stream.client import MIC_RATE, AvatarClient
 from avatar_stream.config import ServerConfig
-from avatar_stream.encoders import replace_encoder
+from avatar_stream.encoders import OpusPacketEncoder
 from avatar_stream.server import running_server
 
 pytestmark = pytest.mark.asyncio(loop_scope="module")
@@ -136,27 +136,26 @@ async def test_server_shutdown_ends_every_session() -> None:
     await client.close()
 
 
-class StallingOpusEncoder(OpusEncoder):
-    """aiortc's real Opus encoder, stalling once for 200 ms (a busy machine's worst)."""
+class StallingOpusEncoder(OpusPacketEncoder):
+    """The session's real Opus encoder, stalling once for 200 ms (a busy machine's worst)."""
 
     def __init__(self) -> None:
         super().__init__()
         self.calls = 0
 
-    def encode(self, frame, force_keyframe=False):  # type: ignore[no-untyped-def]
+    def encode(self, frame: av.AudioFrame) -> av.Packet:
         self.calls += 1
         if self.calls == 60:  # in the middle of the speech
             time.sleep(0.2)
-        return super().encode(frame, force_keyframe)
+        return super().encode(frame)
 
 
 async def test_an_encoder_stall_delays_speech_but_cuts_none_of_it(server) -> None:
     url, state = server
     async with AvatarClient(url) as client:
         session = state.sessions[client.session_id]
-        (audio,) = [t for t in session.pc.getTransceivers() if t.kind == "audio"]
-        stalling = StallingOpusEncoder()
-        replace_encoder(audio.sender, stalling)
+        assert session.audio.opus is not None  # Opus negotiated: the track encodes
+        stalling = session.audio.opus = StallingOpusEncoder()
         rec = client.received
         n = len(rec.audio_pts)
         client.mic.play(sustained_voice(3.0))
