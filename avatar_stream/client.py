@@ -25,7 +25,7 @@ from typing import Any
 import aiohttp
 import av
 import numpy as np
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
 from .config import IceServer
@@ -161,6 +161,7 @@ class AvatarClient(SessionCalls):
         decode_video: bool = True,
         api_key: str | None = None,
         audio_prefetch: int = AUDIO_PREFETCH,
+        video_codecs: list[str] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.audio_prefetch = audio_prefetch
@@ -177,6 +178,7 @@ class AvatarClient(SessionCalls):
         self.record_mouth = record_mouth
         self.record_face = record_face
         self.decode_video = decode_video  # False: only note when each frame arrived
+        self.video_codecs = video_codecs  # e.g. ["video/VP8"]: offer only these (default: all)
         self._last_rtp: int | None = None
         self.connect_started: float | None = None
         self.first_frame_at: float | None = None
@@ -210,7 +212,14 @@ class AvatarClient(SessionCalls):
         # no call of ours should wait forever on a server that stopped answering
         self._http = aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=30))
         self.pc.addTrack(self.mic)
-        self.pc.addTransceiver("video", direction="recvonly")
+        video = self.pc.addTransceiver("video", direction="recvonly")
+        if self.video_codecs:
+            wanted = [m.lower() for m in self.video_codecs]
+            caps = RTCRtpReceiver.getCapabilities("video").codecs
+            video.setCodecPreferences(
+                [c for m in wanted for c in caps if c.mimeType.lower() == m]
+                + [c for c in caps if c.mimeType.lower() == "video/rtx"]
+            )
 
         @self.pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:

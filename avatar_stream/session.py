@@ -26,7 +26,7 @@ from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 
 from .config import ServerConfig
-from .encoders import use_avatar_encoders
+from .encoders import prefer_h264, use_avatar_encoders
 from .engines.base import Avatar, Engine, EngineStream
 from .ice import filter_candidates, rtc_configuration
 from .ingest import LiveSpeechGate, Resampler, frame_to_mono
@@ -112,6 +112,7 @@ class Session:
         except Exception as exc:  # aiortc raises several kinds on a malformed SDP
             raise OfferError(f"invalid SDP offer: {exc}") from exc
         receive_audio_immediately(self.pc)
+        prefer_h264(self.pc)
         kinds = [t.kind for t in self.pc.getTransceivers()]
         if "video" not in kinds:
             raise OfferError("the offer has no video m-line to receive the avatar on")

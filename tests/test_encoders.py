@@ -1,16 +1,26 @@
-"""The avatar's VP8 encoder: real libvpx, real aiortc packetization, decoded back."""
+"""The avatar's video encoders (real libvpx and x264, real aiortc packetization, decoded
+back) and its Opus packets."""
 
 import fractions
 
 import av
 import numpy as np
+import pytest
+from aiortc.codecs.base import Decoder
+from aiortc.codecs.h264 import H264Decoder, h264_depayload
 from aiortc.codecs.vpx import Vp8Decoder, vp8_depayload
 from aiortc.jitterbuffer import JitterFrame
 from speechtools import until
 
 from avatar_stream.client import AvatarClient
 from avatar_stream.config import ServerConfig
-from avatar_stream.encoders import MAX_BITRATE, AvatarVp8Encoder
+from avatar_stream.encoders import (
+    MAX_BITRATE,
+    AvatarH264Encoder,
+    AvatarVp8Encoder,
+    CappedBitrate,
+    OpusPacketEncoder,
+)
 from avatar_stream.server import running_server
 from avatar_stream.synchronizer import rgb_to_i420
 
@@ -26,16 +36,24 @@ def moving_face(i: int) -> np.ndarray:
     return img.astype(np.uint8)
 
 
-def encode_decode(encoder: AvatarVp8Encoder, n: int) -> tuple[list[float], int]:
-    decoder = Vp8Decoder()
+CODECS = {  # encoder, decoder, depayloader
+    "vp8": (AvatarVp8Encoder, Vp8Decoder, vp8_depayload),
+    "h264": (AvatarH264Encoder, H264Decoder, h264_depayload),
+}
+
+
+def encode_decode(encoder: CappedBitrate, n: int) -> tuple[list[float], int]:
+    name = "h264" if isinstance(encoder, AvatarH264Encoder) else "vp8"
+    _, decoder_class, depayload = CODECS[name]
+    decoder: Decoder = decoder_class()
     psnr, nbytes = [], 0
     for i in range(n):
         yuv = rgb_to_i420(moving_face(i))
         frame = av.VideoFrame.from_ndarray(yuv, format="yuv420p")
         frame.pts, frame.time_base = i * 3600, fractions.Fraction(1, 90_000)
-        payloads, timestamp = encoder.encode(frame)
+        payloads, timestamp = encoder.encode(frame)  # type: ignore[attr-defined]
         assert timestamp == i * 3600
-        data = b"".join(vp8_depayload(p) for p in payloads)
+        data = b"".join(depayload(p) for p in payloads)
         nbytes += len(data)
         (out,) = decoder.decode(JitterFrame(data=data, timestamp=timestamp))
         mse = np.mean((out.to_ndarray()[:512].astype(np.float64) - yuv[:512]) ** 2)
@@ -43,13 +61,16 @@ def encode_decode(encoder: AvatarVp8Encoder, n: int) -> tuple[list[float], int]:
     return psnr, nbytes
 
 
-def test_frames_decode_back_at_high_quality() -> None:
-    psnr, _ = encode_decode(AvatarVp8Encoder(), 50)
+@pytest.mark.parametrize("codec", CODECS)
+def test_frames_decode_back_at_high_quality(codec: str) -> None:
+    psnr, _ = encode_decode(CODECS[codec][0](), 50)
     assert np.mean(psnr[10:]) > 38, psnr
 
 
-def test_bitrate_follows_the_receiver_but_never_above_the_cap() -> None:
-    encoder = AvatarVp8Encoder()
+@pytest.mark.parametrize("codec", CODECS)
+def test_bitrate_follows_the_receiver_but_never_above_the_cap(codec: str) -> None:
+    encoder = CODECS[codec][0]()
+    assert encoder.target_bitrate == 500_000  # where aiortc's VP8 starts, for both
     encoder.target_bitrate = 1_500_000  # a receiver's estimate on a fast link
     assert encoder.target_bitrate == MAX_BITRATE
     _, nbytes = encode_decode(encoder, 100)  # 4 s
@@ -60,12 +81,49 @@ def test_bitrate_follows_the_receiver_but_never_above_the_cap() -> None:
     assert encoder.codec.bit_rate == 300_000
 
 
-async def test_a_session_sends_with_the_avatar_encoder() -> None:
+@pytest.mark.parametrize(
+    ("offered", "expected"),
+    [(None, AvatarH264Encoder), (["video/VP8"], AvatarVp8Encoder)],
+)
+async def test_a_session_sends_with_the_avatar_encoders(
+    offered: list[str] | None, expected: type
+) -> None:
+    """An offer with H.264 (aiortc's and every browser's put VP8 first) is answered with
+    H.264; an offer of VP8 alone gets VP8. Audio leaves as the session's own Opus packets."""
     config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"])
-    async with running_server(config) as (url, state), AvatarClient(url) as client:
-        assert await until(lambda: len(client.received.video_t) >= 25, 10)
+    async with running_server(config) as (url, state), AvatarClient(
+        url, video_codecs=offered
+    ) as client:
+        assert await until(lambda: len(client.received.video_t) >= 25, 10)  # decoded
+        assert await until(lambda: len(client.received.audio_t) >= 50, 10)
         session = state.sessions[client.session_id]
         (video,) = [t for t in session.pc.getTransceivers() if t.kind == "video"]
         encoder = video.sender._RTCRtpSender__encoder
-        assert isinstance(encoder, AvatarVp8Encoder)
+        assert isinstance(encoder, expected)
         assert encoder.codec is not None and encoder.codec.bit_rate <= MAX_BITRATE
+        assert isinstance(session.audio.opus, OpusPacketEncoder)
+        assert isinstance(client.mic.opus, OpusPacketEncoder)  # the client's microphone too
+
+
+def test_opus_packets_decode_back_to_the_speech() -> None:
+    """20 ms of mono in, one packet out, stamped on the frame's clock; a stereo decoder
+    (what a WebRTC peer runs) plays it back on both channels."""
+    encoder = OpusPacketEncoder()
+    decoder = av.CodecContext.create("libopus", "r")
+    decoder.sample_rate, decoder.layout, decoder.format = 48_000, "stereo", "s16"
+    t = np.arange(48_000) / 48_000
+    tone = (8000 * np.sin(2 * np.pi * 220 * t) * (1 + np.sin(2 * np.pi * 3 * t))).astype(np.int16)
+    out = []
+    for k in range(50):
+        frame = av.AudioFrame.from_ndarray(tone[None, k * 960 : (k + 1) * 960], layout="mono")
+        frame.sample_rate = 48_000
+        frame.pts, frame.time_base = 1000 + k * 960, fractions.Fraction(1, 48_000)
+        packet = encoder.encode(frame)
+        assert packet.pts == 1000 + k * 960 and packet.time_base == frame.time_base
+        for decoded in decoder.decode(packet):
+            out.append(decoded.to_ndarray().reshape(-1, 2))
+    pcm = np.concatenate(out).astype(np.float64)
+    assert np.array_equal(pcm[:, 0], pcm[:, 1])  # mono on both channels
+    # the codec's own delay is a few milliseconds; past it the waveform matches
+    best = max(np.corrcoef(pcm[d : 40_000 + d, 0], tone[:40_000])[0, 1] for d in range(0, 400))
+    assert best > 0.95, best
