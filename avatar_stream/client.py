@@ -215,7 +215,8 @@ class AvatarClient(SessionCalls):
         video = self.pc.addTransceiver("video", direction="recvonly")
         if self.video_codecs:
             wanted = [m.lower() for m in self.video_codecs]
-            caps = RTCRtpReceiver.getCapabilities("video").codecs
+            capabilities = RTCRtpReceiver.getCapabilities("video")
+            caps = capabilities.codecs if capabilities else []
             video.setCodecPreferences(
                 [c for m in wanted for c in caps if c.mimeType.lower() == m]
                 + [c for c in caps if c.mimeType.lower() == "video/rtx"]

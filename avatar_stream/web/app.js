@@ -560,6 +560,7 @@
       packetsLost: (v ? v.packetsLost || 0 : 0) + (cur.audio ? cur.audio.packetsLost || 0 : 0),
       width: v ? v.frameWidth : null,
       height: v ? v.frameHeight : null,
+      videoCodec: v && v.codecId && report.get(v.codecId) ? report.get(v.codecId).mimeType : null,
       framesReceived: client.framesReceived,
     };
     prevStats = cur;
@@ -573,7 +574,9 @@
     $("s-drop").textContent = st.framesDropped == null ? "–" : String(st.framesDropped);
     $("s-frames").textContent = String(client.framesReceived);
     $("s-audio").textContent = `${fmt(st.audioKbps)} / ${fmt(st.sentAudioKbps)} kb/s`;
-    $("s-res").textContent = st.width ? `${st.width}×${st.height}` : "–";
+    $("s-res").textContent = st.width
+      ? `${st.width}×${st.height}${st.videoCodec ? " " + st.videoCodec.replace("video/", "") : ""}`
+      : "–";
   }
 
   // ---- microphone and file -----------------------------------------------------------------
