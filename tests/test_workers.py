@@ -43,9 +43,9 @@ def test_merged_metrics_name_each_process() -> None:
     assert {s.labels["worker"] for s in families["h"].samples} == {"front"}
 
 
-def test_workers_by_default_one_per_core_for_cpu_engines(monkeypatch) -> None:
+def test_workers_by_default_one_more_than_the_cores_for_cpu_engines(monkeypatch) -> None:
     monkeypatch.setattr("avatar_stream.workers.cores", lambda: 4)
-    assert default_workers(ServerConfig(engine="warp")) == 4
+    assert default_workers(ServerConfig(engine="warp")) == 5
     assert default_workers(ServerConfig(engine="warp", max_sessions=2)) == 2
     assert default_workers(ServerConfig(engine="flashhead")) == 1  # one process owns the GPU
     assert default_workers(ServerConfig(engine="warp", advertise="10.0.0.1:8080")) == 1
