@@ -146,6 +146,9 @@ class AvatarH264Encoder(CappedBitrate, H264Encoder):
             "preset": "ultrafast",
             "tune": "zerolatency",
             "level": "31",
+            # a keyframe asked for (PLI) must be an IDR picture, as receivers start decoding
+            # only at one (x264 makes one anyway while GOPs are closed, its default)
+            "forced-idr": "1",
         }
         codec.thread_count = 1  # parallelism comes from sessions, not from inside a frame
         return codec
@@ -208,6 +211,8 @@ def use_avatar_encoders(pc: RTCPeerConnection) -> None:
     for transceiver in pc.getTransceivers():
         codecs = getattr(transceiver, "_codecs", [])
         mime = codecs[0].mimeType.lower() if codecs else ""
+        if transceiver.sender.track is None:  # receives only: nothing to encode
+            continue
         if mime == "video/h264":
             replace_encoder(transceiver.sender, AvatarH264Encoder())
         elif mime == "video/vp8":

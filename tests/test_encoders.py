@@ -81,6 +81,23 @@ def test_bitrate_follows_the_receiver_but_never_above_the_cap(codec: str) -> Non
     assert encoder.codec.bit_rate == 300_000
 
 
+def test_an_asked_for_h264_keyframe_is_an_idr_picture() -> None:
+    """A receiver that lost packets asks for a keyframe (PLI) and decodes again only from
+    an IDR picture (NAL unit type 5)."""
+
+    def nal_types(force: bool, i: int) -> set[int]:
+        frame = av.VideoFrame.from_ndarray(rgb_to_i420(moving_face(i)), format="yuv420p")
+        frame.pts, frame.time_base = i * 3600, fractions.Fraction(1, 90_000)
+        payloads, _ = encoder.encode(frame, force_keyframe=force)
+        data = b"".join(h264_depayload(p) for p in payloads)
+        return {unit[0] & 0x1F for unit in data.split(b"\x00\x00\x00\x01") if unit}
+
+    encoder = AvatarH264Encoder()
+    assert 5 in nal_types(False, 0)  # the first picture
+    assert all(5 not in nal_types(False, i) for i in range(1, 10))
+    assert 5 in nal_types(True, 10)
+
+
 @pytest.mark.parametrize(
     ("offered", "expected"),
     [(None, AvatarH264Encoder), (["video/VP8"], AvatarVp8Encoder)],
