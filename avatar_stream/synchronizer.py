@@ -127,7 +127,9 @@ class Synchronizer:
         self._epoch = 0
         self._reset_pending = False
         self._cut = False  # a barge-in came, no frame made since: no speech to wait for
-        self._wake_producer = asyncio.Event()
+        # one event wakes the producer: the speech queue sets it on every push and end,
+        # the pacer when a frame leaves, a barge-in when it has cleared the queue
+        self._wake_producer = speech.changed
         self._produced = asyncio.Event()
         self._started: dict[str, int] = {}  # utterance -> 16 kHz samples played so far
         # how long steps take to come back, speech and idle apart (a chunked engine's idle
@@ -224,16 +226,20 @@ class Synchronizer:
         return self.frames_per_step + math.ceil(self._margin(True) * FPS) + self.lead_frames
 
     async def _wait_producer(self, until: float | None) -> None:
-        self._wake_producer.clear()
-        self.speech.changed.clear()
-        waits = [asyncio.ensure_future(self._wake_producer.wait())]
-        waits.append(asyncio.ensure_future(self.speech.changed.wait()))
-        timeout = None if until is None else max(0.0, until - self.clock.now())
+        """Until something changes or the clock reaches ``until``: a timer that sets the
+        same event (the producer looks at everything again either way), so a wait costs
+        no task, 50 times a second per session."""
+        wake = self._wake_producer
+        wake.clear()
+        timer = None
+        if until is not None:
+            delay = max(0.0, until - self.clock.now())
+            timer = asyncio.get_running_loop().call_later(delay, wake.set)
         try:
-            await asyncio.wait(waits, timeout=timeout, return_when=asyncio.FIRST_COMPLETED)
+            await wake.wait()
         finally:
-            for w in waits:
-                w.cancel()
+            if timer is not None:
+                timer.cancel()
 
     async def _produce(self) -> None:
         need = self.frames_per_step * SAMPLES_PER_FRAME
