@@ -33,6 +33,7 @@ from avatar_stream.engines.warp import (
     WarpEngine,
     WarpStream,
     backward_map,
+    render,
 )
 
 TEXT = (
@@ -157,6 +158,30 @@ def test_mouth_moves_with_speech_and_background_stays(
     assert talk_change > 2.0 * idle_change
     assert talk_change > 2.0  # grey levels: clearly visible
     assert all(unchanged_far_from_face(f, avatar.image) for f in idle + talk)
+
+
+def test_a_frame_is_drawn_again_only_once_it_would_look_different(
+    avatar: Avatar, engine: WarpEngine, speech: np.ndarray
+) -> None:
+    """Idle, the head drifts by hundredths of a pixel a frame: most frames show the last
+    one drawn again, and each stays within a fraction of a grey level of the exact drawing
+    of its own controls. In speech the mouth moves every frame and every frame is drawn."""
+    stream = engine.open_stream(avatar, seed=3)
+
+    def run(chunks: list[np.ndarray | None]) -> int:
+        repeated, last = 0, None
+        for chunk in chunks:
+            frame = stream.step(chunk)[0]
+            exact = render(avatar.data, stream.controls)
+            assert np.abs(frame.astype(np.int16) - exact).mean() < 0.5
+            repeated += last is not None and np.array_equal(frame, last)
+            last = frame
+        return repeated
+
+    idle_repeats = run([None] * 250)
+    print(f"idle frames shown again: {idle_repeats} of 249")
+    assert 0.3 * 249 < idle_repeats < 0.9 * 249  # drawn less often, and still alive
+    assert run(list(speech[:100])) < 10
 
 
 def test_mouth_opening_follows_loudness(

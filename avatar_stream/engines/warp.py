@@ -52,6 +52,10 @@ log = logging.getLogger(__name__)
 _NOSE_BOTTOM = 2  # face-mesh point under the nose (subnasale)
 _DEG = math.pi / 180.0
 _LOWRES = 4  # head fields are smooth: stored at 1/4 resolution, upsampled per frame
+_BLINK_DRAWN = 0.01  # lids are painted from this much closed
+#: a stream draws a new frame once its controls could have moved a pixel this far since the
+#: last frame drawn; until then it shows that one again
+REDRAW_PX = 0.3
 
 # Points whose displaced positions the painting needs, in this order: inner lips, then per eye
 # the upper and lower lid (each contour runs corner to corner).
@@ -551,7 +555,7 @@ def render(rig: WarpRig, c: Controls) -> np.ndarray:
         track = _refine(mapxy, rig.track, track, x0, y0)
     if c.jaw > 0.0:
         _paint_mouth(rig, out, track[_LIP_UP], track[_LIP_LO], min(1.0, c.jaw / 0.05))
-    if c.blink > 0.01:
+    if c.blink > _BLINK_DRAWN:
         for up, lo in _LIDS:
             _paint_lid(out, track[up], track[lo], min(c.blink, 1.0))
     return out
@@ -779,6 +783,11 @@ class WarpStream(EngineStream):
 
     def __init__(self, rig: WarpRig, seed: int | None = None) -> None:
         self._rig = rig
+        # the farthest each control's field moves a pixel, per unit of the control
+        self._reach = {
+            name: float(np.abs(f.data).max()) for name, f in (rig.sharp | rig.smooth).items()
+        }
+        self._drawn: tuple[Controls, np.ndarray] | None = None  # the last frame drawn
         self._rng = np.random.default_rng(seed)
         self._frame = 0
         self._yaw, self._pitch, self._roll = (_Drift(self._rng, a) for a in (2.0, 1.2, 0.8))
@@ -810,8 +819,22 @@ class WarpStream(EngineStream):
         self._calm_until = self._frame + FPS // 2
 
     def step(self, speech: np.ndarray | None) -> np.ndarray:
-        self.controls = self._advance(speech)
-        return render(self._rig, self.controls)[None]
+        c = self.controls = self._advance(speech)
+        if self._drawn is None or self._moved(self._drawn[0], c):
+            self._drawn = (c, render(self._rig, c))
+        return self._drawn[1].copy()[None]
+
+    def _moved(self, drawn: Controls, c: Controls) -> bool:
+        """Whether ``c`` would draw a picture visibly different from the one drawn with
+        ``drawn``: a blink on either, or the controls' change times their fields' reach
+        (an upper bound on how far any pixel moves) over ``REDRAW_PX``. Between blinks the
+        idle head drifts by hundredths of a pixel a frame: drawn again every few frames,
+        it looks the same and costs half the drawing (and the encoder a picture with
+        nothing new)."""
+        if drawn.blink > _BLINK_DRAWN or c.blink > _BLINK_DRAWN:
+            return True
+        shift = sum(abs(getattr(c, k) - getattr(drawn, k)) * r for k, r in self._reach.items())
+        return shift > REDRAW_PX
 
     def _analyse(self, speech: np.ndarray | None) -> _Sound:
         if speech is None:
