@@ -38,7 +38,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--engine-threads", type=int, help="engine worker threads")
     p.add_argument("--workers", default="auto", metavar="N|auto",
                    help="processes that run sessions; auto (default): one more than the "
-                        "cores for a CPU engine, one for a GPU engine or with --advertise")
+                        "cores for a CPU engine; one on a single core, for a GPU engine or "
+                        "with --advertise")
     add_flashhead_options(p)
     add_turn_options(p)
     add_replica_options(p)

@@ -217,9 +217,12 @@ class AvatarClient(SessionCalls):
             wanted = [m.lower() for m in self.video_codecs]
             capabilities = RTCRtpReceiver.getCapabilities("video")
             caps = capabilities.codecs if capabilities else []
+            chosen = [c for m in wanted for c in caps if c.mimeType.lower() == m]
+            if not chosen:
+                known = sorted({c.mimeType for c in caps})
+                raise ValueError(f"no video codec among {self.video_codecs}; known: {known}")
             video.setCodecPreferences(
-                [c for m in wanted for c in caps if c.mimeType.lower() == m]
-                + [c for c in caps if c.mimeType.lower() == "video/rtx"]
+                chosen + [c for c in caps if c.mimeType.lower() == "video/rtx"]
             )
 
         @self.pc.on("track")

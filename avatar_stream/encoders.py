@@ -2,21 +2,22 @@
 installs it on aiortc's senders.
 
 aiortc's video encoders are set up for camera video: VP8 with temporal noise reduction on,
-H.264 at x264's default (slow) preset, and a bitrate that follows the receiver's estimate up
-to 1.5 Mbps. Avatar frames are rendered, not filmed: the denoiser only blurs them, and on a
-512x512 head the last 700 kbps buy nothing visible. Measured on this project's frames
-(2-core x86, one thread): VP8 with noise reduction off is 25-30% less encode time for
-+1.5 dB PSNR, 800 kbps costs half the encode time of 1.5 Mbps at the same 47 dB, and the
-fastest speed setting a further quarter for 0.1 dB. x264 at its fastest preset encodes the
-same warp frames in 1.3 ms where VP8 at its fastest takes 2.2 ms, at the same PSNR (37.0
-against 37.1 dB at 800 kbps), so the answer puts H.264 first when the offer has it (every
-browser's does) and VP8 stays for peers without it. Encoding is a large part of a
-session's server CPU, so this sets how many sessions a machine holds.
+H.264 at x264's default preset (medium: slow for real time), and a bitrate that follows the
+receiver's estimate up to 1.5 Mbps. Avatar frames are rendered, not filmed: the denoiser
+only blurs them, and on a 512x512 head the last 700 kbps buy nothing visible. Measured on
+this project's frames (2-core x86, one thread): VP8 with noise reduction off is 25-30% less
+encode time for +1.5 dB PSNR, 800 kbps costs half the encode time of 1.5 Mbps at the same
+47 dB, and the fastest speed setting a further quarter for 0.1 dB. x264 at its fastest
+preset encodes the same warp frames in 1.3 ms where VP8 at its fastest takes 2.2 ms, at the
+same PSNR (37.0 against 37.1 dB at 800 kbps), so the answer puts H.264 first when the offer
+has it (every browser's does) and VP8 stays for peers without it. Encoding is a large part
+of a session's server CPU, so this sets how many sessions a machine holds.
 
 Audio goes to aiortc already encoded (``OpusPacketEncoder``): handed a frame, aiortc's sender
 computes the RTP audio level in a pure-Python loop over every sample (0.17 ms per 20 ms of
 mono), converts to stereo and encodes on its thread pool, about 0.5 ms and a thread hop a
-packet. Encoded here, inline, a packet costs 0.16 ms.
+packet. Encoded here, inline, a packet costs 0.16 ms. What is lost: the audio-level RTP
+header extension, which only SFUs and ``getSynchronizationSources()`` read.
 """
 
 from __future__ import annotations

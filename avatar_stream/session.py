@@ -69,8 +69,8 @@ class Session:
         self.video = PacedTrack(
             "video", maxlen=2, on_consumed=encode.labels("video").observe if encode else None
         )
-        # speech must not be cut when the encoder stalls (seen: 100+ ms with busy cores), so
-        # the audio queue holds half a second; a skipped video frame is a lesser harm
+        # speech must not be cut when sending stalls (seen: 100+ ms with busy cores), so the
+        # audio queue holds half a second; a skipped video frame is a lesser harm
         self.audio = PacedTrack(
             "audio", maxlen=AUDIO_QUEUE_FRAMES,
             on_consumed=encode.labels("audio").observe if encode else None,

@@ -54,12 +54,13 @@ def default_workers(config: ServerConfig) -> int:
     """``--workers auto``: for a CPU engine, one process more than there are cores (at most
     one per session slot): a process's Python runs one thread at a time, and it is busy
     with two or three sessions, so the spare lets sessions spread thinner (on 2 cores,
-    measured: 4 sessions within the bench's bounds with 2 processes, 5 with 3). A GPU engine
-    keeps one process, which owns the device. Replicas that name their sessions' owner by
-    address (``--advertise``) run one process each."""
+    measured: 4 sessions within the bench's bounds with 2 processes, 5 with 3). One core
+    keeps one process, as does a GPU engine (that process owns the device). Replicas that
+    name their sessions' owner by address (``--advertise``) run one process each."""
     if config.engine not in CPU_ENGINES or config.advertise:
         return 1
-    return max(1, min(cores() + 1, config.max_sessions))
+    n = cores()
+    return max(1, min(n + 1 if n > 1 else 1, config.max_sessions))
 
 
 def cores() -> int:

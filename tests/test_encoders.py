@@ -117,6 +117,11 @@ async def test_a_session_sends_with_the_avatar_encoders(
         (video,) = [t for t in session.pc.getTransceivers() if t.kind == "video"]
         encoder = video.sender._RTCRtpSender__encoder
         assert isinstance(encoder, expected)
+        # retransmissions go out as the RTX that the offer paired with the chosen codec
+        codecs = video._codecs
+        (rtx,) = [c for c in codecs if c.mimeType.lower() == "video/rtx"
+                  and c.parameters["apt"] == codecs[0].payloadType]
+        assert video.sender._RTCRtpSender__rtx_payload_type == rtx.payloadType
         assert encoder.codec is not None and encoder.codec.bit_rate <= MAX_BITRATE
         assert isinstance(session.audio.opus, OpusPacketEncoder)
         assert isinstance(client.mic.opus, OpusPacketEncoder)  # the client's microphone too

@@ -164,16 +164,23 @@ def test_a_frame_is_drawn_again_only_once_it_would_look_different(
     avatar: Avatar, engine: WarpEngine, speech: np.ndarray
 ) -> None:
     """Idle, the head drifts by hundredths of a pixel a frame: most frames show the last
-    one drawn again, and each stays within a fraction of a grey level of the exact drawing
-    of its own controls. In speech the mouth moves every frame and every frame is drawn."""
+    one drawn again, and each stays within about a grey level, on average over the face,
+    of the exact drawing of its own controls. In speech the mouth moves every frame and
+    every frame is drawn."""
     stream = engine.open_stream(avatar, seed=3)
+    x0, y0, x1, y1 = avatar.face_box
 
     def run(chunks: list[np.ndarray | None]) -> int:
         repeated, last = 0, None
         for chunk in chunks:
             frame = stream.step(chunk)[0]
             exact = render(avatar.data, stream.controls)
-            assert np.abs(frame.astype(np.int16) - exact).mean() < 0.5
+            error = np.abs(frame.astype(np.int16) - exact)[y0:y1, x0:x1]
+            # a shift of up to 0.3 px averages about a grey level over a textured face and
+            # moves edges a little; a stale mouth or eyelid would be hundreds of pixels far
+            # off, which the 99.9th percentile of the face catches
+            assert error.mean() < 1.5 and np.percentile(error, 99.9) < 16, (
+                error.mean(), np.percentile(error, 99.9))
             repeated += last is not None and np.array_equal(frame, last)
             last = frame
         return repeated
@@ -182,6 +189,7 @@ def test_a_frame_is_drawn_again_only_once_it_would_look_different(
     print(f"idle frames shown again: {idle_repeats} of 249")
     assert 0.3 * 249 < idle_repeats < 0.9 * 249  # drawn less often, and still alive
     assert run(list(speech[:100])) < 10
+    assert run([None] * 25) > 0  # and after speech, the mouth closes and idle repeats again
 
 
 def test_mouth_opening_follows_loudness(

@@ -46,6 +46,9 @@ def test_merged_metrics_name_each_process() -> None:
 def test_workers_by_default_one_more_than_the_cores_for_cpu_engines(monkeypatch) -> None:
     monkeypatch.setattr("avatar_stream.workers.cores", lambda: 4)
     assert default_workers(ServerConfig(engine="warp")) == 5
+    monkeypatch.setattr("avatar_stream.workers.cores", lambda: 1)
+    assert default_workers(ServerConfig(engine="warp")) == 1  # no front and worker on one core
+    monkeypatch.setattr("avatar_stream.workers.cores", lambda: 4)
     assert default_workers(ServerConfig(engine="warp", max_sessions=2)) == 2
     assert default_workers(ServerConfig(engine="flashhead")) == 1  # one process owns the GPU
     assert default_workers(ServerConfig(engine="warp", advertise="10.0.0.1:8080")) == 1

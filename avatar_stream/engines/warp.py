@@ -554,11 +554,16 @@ def render(rig: WarpRig, c: Controls) -> np.ndarray:
         )
         track = _refine(mapxy, rig.track, track, x0, y0)
     if c.jaw > 0.0:
-        _paint_mouth(rig, out, track[_LIP_UP], track[_LIP_LO], min(1.0, c.jaw / 0.05))
+        _paint_mouth(rig, out, track[_LIP_UP], track[_LIP_LO], _mouth_paint(c))
     if c.blink > _BLINK_DRAWN:
         for up, lo in _LIDS:
             _paint_lid(out, track[up], track[lo], min(c.blink, 1.0))
     return out
+
+
+def _mouth_paint(c: Controls) -> float:
+    """How opaque the painted mouth is: full from a jaw of 0.05."""
+    return min(1.0, max(c.jaw, 0.0) / 0.05)
 
 
 def _refine(mapxy: np.ndarray, src: np.ndarray, guess: np.ndarray, x0: int, y0: int) -> np.ndarray:
@@ -797,7 +802,7 @@ class WarpStream(EngineStream):
         self._breath_phase = float(self._rng.uniform(0.0, 2 * math.pi))
         self._next_blink = self._blink_gap()
         self._blink_at = -len(_BLINK)
-        self.controls = Controls()  #: the controls of the last frame drawn (for tests, stats)
+        self.controls = Controls()  #: the last step's controls (its frame may be a repeat)
         self.sound = _Sound()  #: the analysis of the last frame's speech (for tests)
         self._reset_speech()
         self._calm_until = 0
@@ -832,6 +837,8 @@ class WarpStream(EngineStream):
         it looks the same and costs half the drawing (and the encoder a picture with
         nothing new)."""
         if drawn.blink > _BLINK_DRAWN or c.blink > _BLINK_DRAWN:
+            return True
+        if abs(_mouth_paint(c) - _mouth_paint(drawn)) > 0.05:  # its opacity, not a move
             return True
         shift = sum(abs(getattr(c, k) - getattr(drawn, k)) * r for k, r in self._reach.items())
         return shift > REDRAW_PX
