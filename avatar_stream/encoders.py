@@ -24,7 +24,7 @@ from __future__ import annotations
 
 import fractions
 from collections.abc import Iterator
-from typing import Protocol, runtime_checkable
+from typing import Protocol, cast, runtime_checkable
 
 import av
 from aiortc import RTCPeerConnection, RTCRtpCodecParameters
@@ -57,16 +57,41 @@ class CappedBitrate:
     def target_bitrate(self, bitrate: int) -> None:
         self._bitrate = max(MIN_BITRATE, min(bitrate, MAX_BITRATE))
 
-    def _rate_moved(self, codec: av.VideoCodecContext, frame: av.VideoFrame) -> bool:
-        """Reopen (a keyframe) on a new size, or when the rate moves by over 10%."""
-        rate = codec.bit_rate or 0
-        return (frame.width, frame.height) != (codec.width, codec.height) or abs(
-            self._bitrate - rate
-        ) > 0.1 * rate
+    codec: av.VideoCodecContext | None
 
-    def _rate_options(self) -> dict[str, str]:
+    def _open(self, width: int, height: int) -> av.VideoCodecContext:
+        raise NotImplementedError
+
+    def _codec_for(self, frame: av.VideoFrame) -> tuple[av.VideoCodecContext, av.VideoFrame]:
+        """The codec for this frame, and the frame in yuv420p. The codec is reopened (a
+        keyframe) on a new size, or when the rate has moved by over 10%."""
+        if frame.format.name != "yuv420p":
+            frame = frame.reformat(format="yuv420p")
+        codec = self.codec
+        rate = (codec.bit_rate or 0) if codec is not None else 0
+        if (
+            codec is None
+            or (frame.width, frame.height) != (codec.width, codec.height)
+            or abs(self._bitrate - rate) > 0.1 * rate
+        ):
+            codec = self.codec = self._open(frame.width, frame.height)
+        return codec, frame
+
+    def _new_codec(
+        self, name: str, width: int, height: int, options: dict[str, str]
+    ) -> av.VideoCodecContext:
+        """A CBR encoder at the current rate (a 1 s buffer), keyframes only when asked (PLI)
+        or reopened, on one thread: parallelism comes from sessions, not from inside a
+        frame."""
+        codec = cast(av.VideoCodecContext, av.CodecContext.create(name, "w"))
+        codec.width, codec.height = width, height
+        codec.bit_rate = self._bitrate
+        codec.pix_fmt = "yuv420p"
+        codec.gop_size = 3000
         rate = str(self._bitrate)
-        return {"bufsize": rate, "minrate": rate, "maxrate": rate}  # CBR, a 1 s buffer
+        codec.options = {"bufsize": rate, "minrate": rate, "maxrate": rate, **options}
+        codec.thread_count = 1
+        return codec
 
 
 class AvatarVp8Encoder(CappedBitrate, Vp8Encoder):
@@ -77,15 +102,9 @@ class AvatarVp8Encoder(CappedBitrate, Vp8Encoder):
         assert isinstance(frame, av.VideoFrame)
         pts, time_base = frame.pts, frame.time_base
         assert pts is not None and time_base is not None  # the pacer stamps every frame
-        if frame.format.name != "yuv420p":
-            frame = frame.reformat(format="yuv420p")
-        codec = self.codec
-        if codec is not None and self._rate_moved(codec, frame):
-            codec = None
+        codec, frame = self._codec_for(frame)
         if force_keyframe:
             frame.pict_type = av.video.frame.PictureType.I
-        if codec is None:
-            codec = self.codec = self._open(frame.width, frame.height)
         data = b"".join(bytes(p) for p in codec.encode(frame))
         payloads = self._packetize(data, self.picture_id)
         timestamp = convert_timebase(pts, time_base, VIDEO_TIME_BASE)
@@ -93,14 +112,7 @@ class AvatarVp8Encoder(CappedBitrate, Vp8Encoder):
         return payloads, timestamp
 
     def _open(self, width: int, height: int) -> av.VideoCodecContext:
-        codec = av.CodecContext.create("libvpx", "w")
-        codec.width, codec.height = width, height
-        codec.bit_rate = self._bitrate
-        codec.pix_fmt = "yuv420p"
-        codec.gop_size = 3000  # keyframes only when asked (PLI) or reopened
-        codec.qmin, codec.qmax = 2, 56
-        codec.options = {
-            **self._rate_options(),
+        codec = self._new_codec("libvpx", width, height, {
             "cpu-used": "-16",  # libvpx's fastest realtime speed: -0.1 dB, 25% less time
             "deadline": "realtime",
             "lag-in-frames": "0",
@@ -109,8 +121,8 @@ class AvatarVp8Encoder(CappedBitrate, Vp8Encoder):
             "undershoot-pct": "100",
             "partitions": "0",
             "static-thresh": "1",
-        }
-        codec.thread_count = 1  # parallelism comes from sessions, not from inside a frame
+        })
+        codec.qmin, codec.qmax = 2, 56
         return codec
 
 
@@ -119,39 +131,26 @@ class AvatarH264Encoder(CappedBitrate, H264Encoder):
     with x264's fastest preset, tuned for zero latency (no B-frames, no look-ahead)."""
 
     def _encode_frame(self, frame: av.VideoFrame, force_keyframe: bool) -> Iterator[bytes]:
-        if frame.format.name != "yuv420p":
-            frame = frame.reformat(format="yuv420p")
-        codec = self.codec
-        if codec is not None and self._rate_moved(codec, frame):
-            codec = None
+        codec, frame = self._codec_for(frame)
         frame.pict_type = (
             av.video.frame.PictureType.I if force_keyframe else av.video.frame.PictureType.NONE
         )
-        if codec is None:
-            codec = self.codec = self._open(frame.width, frame.height)
         data = b"".join(bytes(p) for p in codec.encode(frame))
         if data:
             yield from self._split_bitstream(data)
 
     def _open(self, width: int, height: int) -> av.VideoCodecContext:
-        codec = av.CodecContext.create("libx264", "w")
-        codec.width, codec.height = width, height
-        codec.bit_rate = self._bitrate
-        codec.pix_fmt = "yuv420p"
-        codec.framerate = fractions.Fraction(FPS, 1)
-        codec.time_base = fractions.Fraction(1, FPS)
-        codec.gop_size = 3000  # keyframes only when asked (PLI) or reopened
-        codec.profile = "Baseline"  # what every WebRTC H.264 decoder takes
-        codec.options = {
-            **self._rate_options(),
+        codec = self._new_codec("libx264", width, height, {
             "preset": "ultrafast",
             "tune": "zerolatency",
             "level": "31",
             # a keyframe asked for (PLI) must be an IDR picture, as receivers start decoding
             # only at one (x264 makes one anyway while GOPs are closed, its default)
             "forced-idr": "1",
-        }
-        codec.thread_count = 1  # parallelism comes from sessions, not from inside a frame
+        })
+        codec.framerate = fractions.Fraction(FPS, 1)
+        codec.time_base = fractions.Fraction(1, FPS)
+        codec.profile = "Baseline"  # what every WebRTC H.264 decoder takes
         return codec
 
 
