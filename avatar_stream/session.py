@@ -220,10 +220,9 @@ class Session:
                     self.mic_dropped_s += len(samples) / 16000
 
     def _speech_queued(self) -> None:
-        """Pushed speech (or an utterance's end) was queued: use it now."""
+        """Pushed speech (or an utterance's end) was queued: the session is in use (the
+        queue itself wakes the synchronizer's producer)."""
         self.touch()
-        if self.sync is not None:
-            self.sync.notify_speech()
 
     # -- control ---------------------------------------------------------------------
 

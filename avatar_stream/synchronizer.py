@@ -127,8 +127,8 @@ class Synchronizer:
         self._epoch = 0
         self._reset_pending = False
         self._cut = False  # a barge-in came, no frame made since: no speech to wait for
-        # one event wakes the producer: the speech queue sets it on every push and end,
-        # the pacer when a frame leaves, a barge-in when it has cleared the queue
+        # one event wakes the producer: the speech queue sets it on every push, end and
+        # clear (so new speech, and a barge-in, wake it), the pacer when a frame leaves
         self._wake_producer = speech.changed
         self._produced = asyncio.Event()
         self._started: dict[str, int] = {}  # utterance -> 16 kHz samples played so far
@@ -173,10 +173,6 @@ class Synchronizer:
     def speaking(self) -> bool:
         return bool(self._started)
 
-    def notify_speech(self) -> None:
-        """New speech was queued: the producer may use it now instead of an idle frame."""
-        self._wake_producer.set()
-
     # -- barge-in --------------------------------------------------------------------
 
     def interrupt(self) -> list[str]:
@@ -209,8 +205,7 @@ class Synchronizer:
                     "interrupted": True,
                 }
             )
-        self._wake_producer.set()
-        return cut
+        return cut  # speech.clear() above has woken the producer
 
     # -- producer --------------------------------------------------------------------
 
