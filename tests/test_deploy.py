@@ -6,11 +6,15 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import re
 from pathlib import Path
 from typing import Any
 
 import pytest
+from packaging.requirements import Requirement
+from packaging.utils import canonicalize_name
+from packaging.version import Version
 
 yaml = pytest.importorskip("yaml")
 try:
@@ -191,3 +195,131 @@ def test_image_defaults_match_the_engine_options() -> None:
     for var in ("FLASHHEAD_CHECKPOINT_DIR=/models/", "FLASHHEAD_WAV2VEC_DIR=/models/",
                 "PYTHONPATH=/opt/SoulX-FlashHead"):
         assert var in env
+
+
+# -- the flashhead image's lock file ------------------------------------------------------
+
+LOCK = ROOT / "docker" / "flashhead-requirements.lock"
+# What the lock is resolved for: the CUDA image's Python 3.10 on Linux x86_64
+TARGET = {"python_version": "3.10", "python_full_version": "3.10.12", "sys_platform": "linux",
+          "platform_system": "Linux", "platform_machine": "x86_64", "os_name": "posix",
+          "implementation_name": "cpython", "platform_python_implementation": "CPython"}
+NCCL = "nvidia-nccl-cu12"
+NCCL_FOR_TORCH = Version("2.26.2")  # torch 2.7.1 requires nvidia-nccl-cu12==2.26.2 ...
+NCCL_UPSTREAM = Version("2.27.3")  # ... upstream pins this one, which no resolver can meet
+
+
+def lock_pins() -> dict[str, Version]:
+    """The lock's pins by canonical name. The image installs it with --no-deps, so every
+    line must be an exact, unconditional `name==version` and each name appear once."""
+    pins: dict[str, Version] = {}
+    for raw in LOCK.read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()  # uv's header and `# via` annotations
+        if not line:
+            continue
+        req = Requirement(line)
+        specs = list(req.specifier)
+        assert len(specs) == 1 and specs[0].operator == "==", raw
+        assert req.marker is None and not req.extras and req.url is None, raw
+        name = canonicalize_name(req.name)
+        assert name not in pins, f"{name} pinned twice"
+        pins[name] = Version(specs[0].version)
+    return pins
+
+
+def upstream_dir() -> Path:
+    """Upstream's checkout: $FLASHHEAD_SRC, else the shared read-only copy beside the repo;
+    without either there is nothing to compare the lock with, so the caller skips."""
+    candidates = [Path(os.environ["FLASHHEAD_SRC"])] if os.environ.get("FLASHHEAD_SRC") else []
+    candidates.append(ROOT.parent / "shared" / "upstream" / "SoulX-FlashHead")
+    for path in candidates:
+        if (path / "requirements.txt").is_file():
+            return path
+    pytest.skip("no SoulX-FlashHead checkout with a requirements.txt (set FLASHHEAD_SRC; "
+                f"looked in {', '.join(map(str, candidates))})")
+
+
+def upstream_requirements() -> list[Requirement]:
+    """upstream's requirements.txt that apply to the image's Python and platform."""
+    reqs = []
+    for raw in (upstream_dir() / "requirements.txt").read_text().splitlines():
+        line = raw.split("#", 1)[0].strip()
+        if line:
+            req = Requirement(line)
+            if req.marker is None or req.marker.evaluate(TARGET):
+                reqs.append(req)
+    return reqs
+
+
+def assert_satisfies(pins: dict[str, Version], req: Requirement, where: str) -> None:
+    name = canonicalize_name(req.name)
+    assert name in pins, f"{req} ({where}) is not in {LOCK.name}"
+    assert req.specifier.contains(pins[name], prereleases=True), \
+        f"{LOCK.name} pins {name}=={pins[name]}, {where} wants {req}"
+
+
+def dockerfile_lock_install() -> str:
+    """The flashhead stage's RUN line that installs the lock."""
+    lines = [line for line in stages()["flashhead"]
+             if line.startswith("RUN") and "flashhead-requirements.lock" in line]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+def test_lock_pins_torch_and_torchvision_as_the_dockerfile_names_them() -> None:
+    """The lock holds upstream's documented torch 2.7.1, and the torchvision the Dockerfile
+    names beside it (pip there refuses a lock with other versions; this says so earlier)."""
+    pins = lock_pins()
+    assert pins["torch"] == Version("2.7.1")
+    named = re.search(r"\btorchvision==(\S+)", dockerfile_lock_install())
+    assert named and pins["torchvision"] == Version(named.group(1))
+    assert re.search(r"\btorch==2\.7\.1(\s|$)", dockerfile_lock_install())
+
+
+def test_lock_meets_upstream_requirements_but_the_nccl_pin() -> None:
+    """Every upstream requirement is locked at a version upstream accepts, except its nccl
+    pin: torch 2.7.1 needs nvidia-nccl-cu12 2.26.2, and that is what the lock must hold."""
+    pins = lock_pins()
+    reqs = upstream_requirements()
+    assert reqs, "upstream's requirements.txt lists nothing"
+    for req in reqs:
+        if canonicalize_name(req.name) == NCCL:
+            continue
+        assert_satisfies(pins, req, "upstream's requirements.txt")
+    assert pins[NCCL] == NCCL_FOR_TORCH and pins[NCCL] != NCCL_UPSTREAM
+
+
+def test_lock_meets_avatar_stream_runtime_dependencies() -> None:
+    """The image installs the avatar-stream wheel with --no-deps: its runtime dependencies
+    (and the torch of its `flashhead` extra) must already be in the lock."""
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]
+    pins = lock_pins()
+    for dep in project["dependencies"] + project["optional-dependencies"]["flashhead"]:
+        req = Requirement(dep)
+        if req.marker is None or req.marker.evaluate(TARGET):
+            assert_satisfies(pins, req, "pyproject.toml")
+
+
+def test_dockerfile_installs_the_lock_at_upstreams_commit() -> None:
+    """The flashhead stage copies the lock in and installs it with --no-deps (so nothing
+    floats past it), installs nothing else with dependencies, and checks upstream out at
+    the full commit the lock was resolved against."""
+    s = stages()["flashhead"]
+    assert any(line.startswith("COPY docker/flashhead-requirements.lock ") for line in s)
+    assert re.search(r"pip install --no-deps -r \S*flashhead-requirements\.lock\b",
+                     dockerfile_lock_install())
+    installs = [cmd for line in s if line.startswith("RUN")
+                for cmd in re.split(r"&&|;", line) if "pip install" in cmd]
+    for cmd in installs:  # besides pip/wheel in the fresh venv and the ninja build tool
+        if not re.search(r"pip install (--upgrade pip wheel|ninja)\s*$", cmd.strip()):
+            assert "--no-deps" in cmd, cmd
+    assert "requirements.txt" not in " ".join(s)  # upstream's own file is not installed
+    env = " ".join(line for line in s if line.startswith("ENV"))
+    assert "FLASHHEAD_SRC=/opt/SoulX-FlashHead" in env
+    commit_file = upstream_dir() / "COMMIT"
+    if not commit_file.is_file():
+        pytest.skip(f"{commit_file} missing: no upstream commit to compare with")
+    commit = commit_file.read_text().strip()
+    assert re.fullmatch(r"[0-9a-f]{40}", commit)
+    pinned = re.search(r"^ARG FLASHHEAD_COMMIT=(\S+)", (ROOT / "Dockerfile").read_text(), re.M)
+    assert pinned and pinned.group(1) == commit

@@ -31,6 +31,16 @@ class AvatarError(ValueError):
     """A reference photo that cannot be animated; the message says why, for the user."""
 
 
+class EngineUnavailable(RuntimeError):
+    """The engine cannot load on this machine (its code, weights or device are missing);
+    the message says what, and where to get it."""
+
+
+class EngineError(RuntimeError):
+    """The engine failed on a valid request (a GPU out of memory, say) and left everything
+    it held as it was: the request may be tried again, nothing else is affected."""
+
+
 @dataclass
 class Avatar:
     """A prepared reference photo: the 512x512 RGB image plus what the engine derived from it."""

@@ -22,9 +22,10 @@ the last speech frame into the loop frame nearest to it.
 
 from __future__ import annotations
 
+import itertools
 import logging
+import os
 import statistics
-import sys
 import tempfile
 import threading
 import time
@@ -45,6 +46,7 @@ from .base import (
     Avatar,
     AvatarError,
     Engine,
+    EngineError,
     EngineStream,
 )
 from .flashhead_config import (
@@ -60,9 +62,13 @@ from .flashhead_config import (
     missing_checkpoint_files,
     missing_wav2vec_files,
 )
+from .flashhead_upstream import DeviceRng, compiled_graphs, import_upstream, upstream_call
 
 log = logging.getLogger(__name__)
 
+#: what upstream's prepare_params keeps per person (file stem -> image, tensor, latent)
+PERSON_TABLES = ("cond_image_dict", "cond_image_tensor_dict", "ref_img_latent_dict")
+_PERSON_NUMBERS = itertools.count()
 IDLE_CHUNKS = 3  # idle loop length: 3 throughput chunks (Lite 72 frames, 2.9 s)
 FADE_FRAMES = 8  # speech -> idle cross-fade, 0.32 s
 JITTER_S = 0.1  # live speech: margin for network and step-time jitter
@@ -88,24 +94,21 @@ def load_pipeline(options: FlashHeadOptions) -> Any:
     missing += missing_wav2vec_files(options.wav2vec_dir)
     if missing:
         raise FileNotFoundError("FlashHead weights not found: " + "; ".join(missing))
-    if options.upstream_dir and options.upstream_dir not in sys.path:
-        sys.path.insert(0, options.upstream_dir)
-    try:
-        from flash_head.src.pipeline import flash_head_pipeline as upstream
-    except ImportError as exc:
-        raise RuntimeError(
-            "SoulX-FlashHead is not installed: use the Docker image's flashhead target, or "
-            "check it out and pass --flashhead-src DIR (see README, FlashHead)"
-        ) from exc
+    upstream = import_upstream(options.upstream_dir)
+    if torch.device(options.device).type == "cpu" and (os.cpu_count() or 1) > 1:
+        # steps on the CPU (tests, tiny models): leave a core to the event loop that
+        # paces every session's media
+        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
     for switch in ("COMPILE_MODEL", "COMPILE_VAE"):  # module switches read by __init__
         if hasattr(upstream, switch):
             setattr(upstream, switch, options.compile)
-    return upstream.FlashHeadPipeline(
-        checkpoint_dir=options.checkpoint_dir,
-        model_type=options.model,
-        wav2vec_dir=options.wav2vec_dir,
-        device=options.device,
-    )
+    with upstream_call():
+        return upstream.FlashHeadPipeline(
+            checkpoint_dir=options.checkpoint_dir,
+            model_type=options.model,
+            wav2vec_dir=options.wav2vec_dir,
+            device=options.device,
+        )
 
 
 # -- tensor helpers ----------------------------------------------------------------------
@@ -122,6 +125,17 @@ def audio_context(features: torch.Tensor, frames: int = FRAME_NUM,
     return features[index][None].contiguous()
 
 
+def model_input(window: np.ndarray, schedule: Schedule) -> np.ndarray:
+    """The audio a step embeds: upstream's 8 s window, ending at the newest speech. With
+    lookahead (low-latency), its last ``lookahead`` frames are silence and the window
+    starts that much later: wav2vec's normalisation and attention always see 8 s, as with
+    upstream, never more."""
+    pad = schedule.lookahead_frames * SAMPLES_PER_FRAME
+    if not pad:
+        return window
+    return np.concatenate([window[pad:], np.zeros(pad, np.float32)])
+
+
 def to_uint8_frames(video: torch.Tensor, keep: slice) -> np.ndarray:
     """Generated frames ``[3, T, H, W]`` in [-1, 1] -> uint8 RGB ``(k, H, W, 3)``, converted on
     the device so only bytes cross to the host."""
@@ -131,10 +145,11 @@ def to_uint8_frames(video: torch.Tensor, keep: slice) -> np.ndarray:
 
 
 def from_uint8_frames(frames: np.ndarray, device: Any, dtype: torch.dtype) -> torch.Tensor:
-    """uint8 RGB ``(k, H, W, 3)`` -> a VAE input ``[1, 3, k, H, W]`` in [-1, 1]."""
+    """uint8 RGB ``(k, H, W, 3)`` -> a VAE input ``[1, 3, k, H, W]`` in [-1, 1], contiguous
+    (torch.compile guards on strides: a permuted view would compile a graph of its own)."""
     x = torch.from_numpy(np.ascontiguousarray(frames)).to(device)
     x = x.permute(3, 0, 1, 2)[None].to(dtype)
-    return x / 127.5 - 1.0
+    return (x / 127.5 - 1.0).contiguous()
 
 
 # -- idle --------------------------------------------------------------------------------
@@ -196,10 +211,12 @@ class _IdleCursor:
 
 @dataclass
 class PipelineState:
-    """What upstream keeps on the pipeline for one stream; swapped in and out per step."""
+    """What upstream keeps on the pipeline for one stream, swapped in and out per step, and
+    the session's own state of the global RNG that upstream's LTX VAE samples from."""
 
     person: str
     generator: torch.Generator
+    rng: DeviceRng
     motion: torch.Tensor | None = None  # latent_motion_frames; None: fresh from the reference
 
 
@@ -320,9 +337,10 @@ class FlashHeadEngine(Engine):
         self.pipeline = pipeline if pipeline is not None else load_pipeline(self.options)
         self.device = self.pipeline.device
         self.step_s: float | None = None
+        self.warm_graphs: int | None = None  # graphs compiled when warm-up ended
+        self.late_graphs = 0  # graphs compiled by steps since
         self._lock = threading.RLock()
         self._people: dict[str, _Person] = {}
-        self._next_person = 0
         self._images = tempfile.TemporaryDirectory(prefix="avatar-stream-flashhead-")
 
     # -- avatars ---------------------------------------------------------------------
@@ -341,13 +359,20 @@ class FlashHeadEngine(Engine):
             image = reference_image(image)
         face = get_rigger().rig(image)
         with self._lock:
-            person = f"avatar{self._next_person}"  # upstream names people by file stem
-            self._next_person += 1
+            # upstream names people by file stem; unique in the process, as engines may
+            # share one pipeline
+            person = f"avatar{next(_PERSON_NUMBERS)}"
             path = Path(self._images.name) / f"{person}.png"
             cv2.imwrite(str(path), cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
             self._add_person(path)
         # chunk by chunk, so sessions' steps interleave while an avatar is added at run time
-        idle = self._make_idle_loop(person)
+        try:
+            idle = self._make_idle_loop(person)
+        except Exception as exc:
+            with self._lock:
+                self._remove_person(person)
+            raise EngineError(f"the engine could not prepare this avatar's idle loop "
+                              f"({exc.__class__.__name__}: {exc}); nothing else changed") from exc
         with self._lock:
             self._people[person] = _Person(person, idle)
         return Avatar(
@@ -361,23 +386,38 @@ class FlashHeadEngine(Engine):
         )
 
     def _add_person(self, path: Path) -> None:
-        """``prepare_params`` replaces the pipeline's per-person tables; keep earlier people."""
+        """``prepare_params`` replaces the pipeline's per-person tables and resets its
+        current person before it encodes: keep earlier people, and if it fails (a GPU out
+        of memory), put the pipeline back as it was, so every other avatar and session
+        goes on."""
         pipe = self.pipeline
-        tables = ("cond_image_dict", "cond_image_tensor_dict", "ref_img_latent_dict")
-        before = {t: dict(getattr(pipe, t, None) or {}) for t in tables}
-        pipe.prepare_params(
-            cond_image_path_or_dir=str(path),
-            target_size=(FRAME_SIZE, FRAME_SIZE),
-            frame_num=FRAME_NUM,
-            motion_frames_num=self.schedule.motion_frames,
-            sampling_steps=SAMPLING_STEPS,
-            seed=self.options.seed,
-            shift=SAMPLE_SHIFT,
-            color_correction_strength=COLOR_CORRECTION,
-            use_face_crop=False,
-        )
-        for t in tables:
-            setattr(pipe, t, {**before[t], **getattr(pipe, t)})
+        saved = dict(vars(pipe))
+        try:
+            # the reference latent is sampled from the global RNG: the same photo gives
+            # the same latent whenever it is prepared
+            with upstream_call(), DeviceRng(self.device, self.options.seed).active():
+                pipe.prepare_params(
+                    cond_image_path_or_dir=str(path),
+                    target_size=(FRAME_SIZE, FRAME_SIZE),
+                    frame_num=FRAME_NUM,
+                    motion_frames_num=self.schedule.motion_frames,
+                    sampling_steps=SAMPLING_STEPS,
+                    seed=self.options.seed,
+                    shift=SAMPLE_SHIFT,
+                    color_correction_strength=COLOR_CORRECTION,
+                    use_face_crop=False,
+                )
+        except Exception as exc:
+            vars(pipe).clear()
+            vars(pipe).update(saved)
+            raise EngineError(f"the engine could not prepare this avatar "
+                              f"({exc.__class__.__name__}: {exc}); nothing else changed") from exc
+        for t in PERSON_TABLES:
+            setattr(pipe, t, {**(saved.get(t) or {}), **getattr(pipe, t)})
+
+    def _remove_person(self, person: str) -> None:
+        for t in PERSON_TABLES:
+            getattr(self.pipeline, t).pop(person, None)
 
     def _make_idle_loop(self, person: str) -> IdleLoop:
         state = self.new_state(person, self.options.seed)
@@ -394,36 +434,41 @@ class FlashHeadEngine(Engine):
     # -- steps -----------------------------------------------------------------------
 
     def new_state(self, person: str, seed: int) -> PipelineState:
-        return PipelineState(person, torch.Generator(device=self.device).manual_seed(seed))
+        return PipelineState(person, torch.Generator(device=self.device).manual_seed(seed),
+                             DeviceRng(self.device, seed + 1))
 
     def speech_step(self, state: PipelineState, window: np.ndarray,
                     shown: np.ndarray | None) -> np.ndarray:
         """One step of this engine's schedule for one session (worker thread)."""
-        return self._generate(state, window, self.schedule, shown)
+        frames = self._generate(state, window, self.schedule, shown)
+        self._check_compiles()
+        return frames
 
     @torch.no_grad()
     def _generate(self, state: PipelineState, window: np.ndarray, schedule: Schedule,
                   shown: np.ndarray | None) -> np.ndarray:
-        with self._lock:
+        with self._lock, upstream_call(), state.rng.active():
             pipe = self.pipeline
             pipe.reset_person_name(state.person)  # person, colour reference, reference latent
             if state.motion is not None:
                 pipe.latent_motion_frames = state.motion
             pipe.generator = state.generator
             if shown is not None:
-                pipe.latent_motion_frames = pipe.vae.encode(
+                pipe.latent_motion_frames = self._encode(
                     from_uint8_frames(shown, pipe.device, pipe.param_dtype))
-            audio = window
-            if schedule.lookahead_frames:
-                pad = np.zeros(schedule.lookahead_frames * SAMPLES_PER_FRAME, np.float32)
-                audio = np.concatenate([window, pad])
-            features = pipe.preprocess_audio(audio, sr=SAMPLE_RATE, fps=FPS)
+            features = pipe.preprocess_audio(model_input(window, schedule),
+                                             sr=SAMPLE_RATE, fps=FPS)
             video = pipe.generate(audio_context(features).to(pipe.device))
             if schedule.lookahead_frames:  # continue from the last frames kept, not the padding
-                pipe.latent_motion_frames = pipe.vae.encode(
+                pipe.latent_motion_frames = self._encode(
                     video[None, :, schedule.next_motion].to(pipe.param_dtype))
             state.motion = pipe.latent_motion_frames
             return to_uint8_frames(video, schedule.keep)
+
+    def _encode(self, frames: torch.Tensor) -> torch.Tensor:
+        """Frames ``[1, 3, k, H, W]`` -> motion latents, always handed over contiguous: one
+        layout for both paths that encode here, so one compiled graph serves them."""
+        return self.pipeline.vae.encode(frames.contiguous())
 
     # -- capacity --------------------------------------------------------------------
 
@@ -446,17 +491,58 @@ class FlashHeadEngine(Engine):
             times.append(time.perf_counter() - t)
         return statistics.median(times[warmup:])
 
+    def measure_after_idle(self, idle_frames: int = FPS) -> float:
+        """Seconds for the first speech step after idle frames were shown: it also encodes
+        the shown frames as the motion latents."""
+        stream = FlashHeadStream(self, next(iter(self._people.values())), self.options.seed)
+        for _ in range(idle_frames):
+            stream.step(None)
+        t = time.perf_counter()
+        stream.step(_test_voice(self.schedule.samples_per_step))
+        return time.perf_counter() - t
+
+    def _run_every_path(self) -> None:
+        """Each path a session's steps take, once, so torch.compile compiles them all now:
+        speech on a fresh stream (with low-latency, the lookahead's own encode), and
+        speech after idle frames were shown (they are encoded as the motion latents; a
+        barge-in takes the same path)."""
+        n = self.schedule.samples_per_step
+        stream = FlashHeadStream(self, next(iter(self._people.values())), self.options.seed)
+        stream.step(_test_voice(n))
+        for _ in range(self.schedule.motion_frames):
+            stream.step(None)
+        stream.step(_test_voice(n))
+        stream.close()
+
     def warm_up(self) -> None:
-        """Compile (upstream torch.compiles on the first calls) and measure the step time:
-        admission lets in only as many sessions as the measured frame rate serves."""
+        """Compile every path (upstream torch.compiles on the first calls) and measure the
+        step time: admission lets in only as many sessions as the measured frame rate
+        serves. From here on, a step that compiles a graph is logged and counted."""
         if not self._people:
             log.warning("flashhead: no avatar prepared; warm-up skipped, capacity unmeasured")
             return
-        self.step_s = self.measure()
+        self._run_every_path()
+        self.step_s = self.measure(warmup=0)
         self.step_fps = self.schedule.frames_per_step / self.step_s
-        log.info("flashhead %s %s: %.3f s a step, %.1f frames/s, %d real-time sessions",
-                 self.options.model, self.schedule.describe(), self.step_s, self.step_fps,
-                 self.realtime_sessions or 0)
+        self.warm_graphs = compiled_graphs()
+        log.info("flashhead %s %s: %.3f s a step, %.1f frames/s, %d real-time sessions; "
+                 "%d graphs compiled", self.options.model, self.schedule.describe(),
+                 self.step_s, self.step_fps, self.realtime_sessions or 0, self.warm_graphs)
+        if not self.realtime_sessions:
+            log.warning("flashhead: slower than real time (%.1f frames/s): one session is "
+                        "admitted, and its speech plays in bursts, the picture held between "
+                        "them", self.step_fps)
+
+    def _check_compiles(self) -> None:
+        """After warm-up, a compile on the step path stalls every session: say so."""
+        if self.warm_graphs is None:
+            return
+        graphs = compiled_graphs()
+        if graphs > self.warm_graphs + self.late_graphs:
+            new = graphs - self.warm_graphs - self.late_graphs
+            self.late_graphs += new
+            log.warning("flashhead: a step compiled %d new graph(s) after warm-up (a path "
+                        "warm-up did not cover; every session waited for it)", new)
 
     def playout_delay_s(self) -> float:
         """Live speech: worst case, a session's step waits for every other session's step."""

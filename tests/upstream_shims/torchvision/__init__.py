@@ -1,0 +1,1 @@
+"""TEST-ONLY shim of torchvision (see ../README.md): only what upstream FlashHead calls."""

@@ -1,0 +1,1 @@
+"""TEST-ONLY shim of xfuser (see ../README.md): one process, no sequence parallelism."""

@@ -1,0 +1,1 @@
+"""TEST-ONLY shim (see ../../README.md)."""
