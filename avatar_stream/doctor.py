@@ -15,6 +15,7 @@ import platform
 import sys
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from .engines.base import FPS
@@ -86,7 +87,7 @@ def check_environment(report: Report, options: FlashHeadOptions) -> Any:
     report.add("torch", version)
     if not torch.cuda.is_available():
         report.add("cuda", f"not available (torch built with CUDA {torch.version.cuda})")
-        if not options.standin:
+        if not options.standin and options.device != "cpu":
             report.problems.append("no CUDA GPU visible to torch: FlashHead needs one")
         report.unchecked.append("GPU model and memory: no CUDA device")
         return torch
@@ -116,13 +117,18 @@ def check_weights(report: Report, options: FlashHeadOptions) -> bool:
             report.problems.append(f"{label}: missing {', '.join(missing)}")
         else:
             report.add(label, f"{where} (complete for {options.model})")
-    if importlib.util.find_spec("flash_head") is None and not options.upstream_dir:
-        report.add("upstream", "flash_head not importable")
-        report.problems.append("SoulX-FlashHead's code is not importable: pass --flashhead-src "
-                               "DIR or use the Docker image")
-        ok = False
-    else:
-        report.add("upstream", options.upstream_dir or "flash_head importable")
+    if importlib.util.find_spec("torch") is None:
+        report.unchecked.append("upstream's code: importing it needs torch")
+        return False
+    from .engines.flashhead_upstream import UpstreamImportError, import_upstream
+
+    try:  # really imported: a module missing far below upstream is named here
+        module = import_upstream(options.upstream_dir)
+    except UpstreamImportError as exc:
+        report.add("upstream", "fails to import")
+        report.problems.append(str(exc))
+        return False
+    report.add("upstream", str(Path(module.__file__ or "?").parents[3]))
     return ok
 
 
@@ -144,8 +150,21 @@ def run_steps(report: Report, options: FlashHeadOptions, steps: int) -> bool:
         t = time.perf_counter()
         engine.prepare(default_avatar_image(), "default")
         report.add("prepare", f"{time.perf_counter() - t:.1f} s (reference latent + idle loop)")
+        t = time.perf_counter()
+        engine.warm_up()
+        report.add("warm-up", f"{time.perf_counter() - t:.1f} s, every path a session takes, "
+                   f"{engine.warm_graphs} graphs compiled")
+        after_idle = engine.measure_after_idle()
+        engine.measure(steps=steps, warmup=0)
+        engine.check_compiles()
+        report.add("after idle", f"{after_idle * 1000:.0f} ms for the first speech step after "
+                   f"a second of idle ({engine.schedule.describe()})")
+        report.add("late compiles", f"{engine.late_graphs} graphs compiled by steps after "
+                   "warm-up" + (" (each one stalls every session)" if engine.late_graphs else ""))
+        if engine.late_graphs:
+            report.problems.append(f"{engine.late_graphs} graphs compiled after warm-up")
         for schedule in schedules_for(options.model):
-            step_s = engine.measure(schedule, steps=steps)
+            step_s = engine.measure(schedule, steps=steps, warmup=1)
             fps = schedule.frames_per_step / step_s
             report.steps.append({"schedule": schedule.describe(), "step_s": step_s,
                                  "fps": fps, "sessions": int(fps // FPS)})
@@ -161,7 +180,8 @@ def doctor(options: FlashHeadOptions, steps: int = 3) -> Report:
     report.add("engine", f"flashhead, model {options.model}, device {options.device} asked")
     torch = check_environment(report, options)
     weights_ok = check_weights(report, options)
-    gpu_ok = torch is not None and (options.standin or torch.cuda.is_available())
+    on_cpu = options.device == "cpu"  # tiny or test models: the times are the CPU's
+    gpu_ok = torch is not None and (options.standin or on_cpu or torch.cuda.is_available())
     if gpu_ok and weights_ok:
         run_steps(report, options, steps)
     else:

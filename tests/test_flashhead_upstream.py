@@ -150,7 +150,7 @@ def test_a_late_compile_is_counted(lite: fh.FlashHeadEngine, caplog) -> None:
         lite.pipeline.vae.encode(permuted)  # not contiguous: other strides, another graph
     assert compiled_graphs() > before
     with caplog.at_level(logging.WARNING):
-        lite._check_compiles()
+        lite.check_compiles()
     assert lite.late_graphs == compiled_graphs() - lite.warm_graphs
     assert "compiled" in caplog.text
     lite.warm_graphs, lite.late_graphs = compiled_graphs(), 0  # for the tests after this one
@@ -253,3 +253,20 @@ def test_render_with_flashhead(upstream, speech48k, tmp_path: Path) -> None:
     with av.open(str(out)) as c:
         frames = sum(1 for p in c.demux(c.streams.video[0]) for _ in p.decode())
     assert frames == 30 and "wrote" in done.stdout
+
+
+def test_doctor_on_upstream_reports_the_step_after_idle_and_late_compiles(
+        upstream, cheap_cpu_engine_settings) -> None:
+    from avatar_stream.doctor import doctor
+    from avatar_stream.engines.flashhead_config import FlashHeadOptions
+
+    src, checkpoints, wav2vec = upstream
+    report = doctor(FlashHeadOptions(checkpoint_dir=checkpoints, wav2vec_dir=wav2vec,
+                                     device="cpu", upstream_dir=src), steps=1)
+    text = report.render()
+    assert not report.problems, text
+    lines = dict(report.lines)
+    assert lines["upstream"] == str(Path(src).resolve())
+    assert "first speech step after a second of idle" in lines["after idle"]
+    assert lines["late compiles"].startswith("0 graphs"), text
+    assert len(report.steps) == 3 and all(s["step_s"] > 0 for s in report.steps)

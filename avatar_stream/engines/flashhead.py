@@ -441,7 +441,7 @@ class FlashHeadEngine(Engine):
                     shown: np.ndarray | None) -> np.ndarray:
         """One step of this engine's schedule for one session (worker thread)."""
         frames = self._generate(state, window, self.schedule, shown)
-        self._check_compiles()
+        self.check_compiles()
         return frames
 
     @torch.no_grad()
@@ -533,7 +533,7 @@ class FlashHeadEngine(Engine):
                         "admitted, and its speech plays in bursts, the picture held between "
                         "them", self.step_fps)
 
-    def _check_compiles(self) -> None:
+    def check_compiles(self) -> None:
         """After warm-up, a compile on the step path stalls every session: say so."""
         if self.warm_graphs is None:
             return
