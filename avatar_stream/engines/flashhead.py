@@ -3,8 +3,10 @@
 One ``FlashHeadPipeline`` is loaded per GPU and shared by every session. Upstream keeps a
 single stream's state on the pipeline object (the person, its reference latent, the motion
 latents that carry one chunk into the next, the noise generator), so each step restores
-the session's state onto the pipeline, generates, and takes the state back: interleaved
-sessions give exactly the frames each would give alone. The worker runs all steps on one
+the session's state onto the pipeline (with its own state of the global RNG, which Lite's
+LTX VAE samples from), generates, and takes the state back: interleaved sessions give
+exactly the frames each would give alone. How upstream is called (its prints, device syncs,
+imports, compiled graphs) is in ``flashhead_upstream``. The worker runs all steps on one
 thread (``worker_threads = 1``); a lock keeps ``prepare`` and ``warm_up`` (which run on
 other threads at start-up) from interleaving with them.
 

@@ -18,7 +18,11 @@ so tests can read back what the engine fed it:
 - ``vae.encode`` pools frames to latents of upstream's shapes, so ``latent_motion_frames``
   (the cross-chunk state) depends on the frames it was made from.
 
-None of this resembles what the model draws; only the interface is faithful.
+None of this resembles what the model draws; only the interface is faithful. What it cannot
+show, and what is therefore tested on upstream's real code (``tests/test_flashhead_upstream*``,
+``FLASHHEAD_SRC``): bf16 weights, the LTX VAE's posterior sampled from the global RNG,
+torch.compile's graphs and their guards, colour correction, wav2vec's normalised window,
+and upstream's prints and device syncs.
 """
 
 from __future__ import annotations
