@@ -54,6 +54,9 @@ FADE_OUT = OUT_RATE * 5 // 1000  # barge-in fade: 5 ms
 # frame waited, shrinks by a quarter at each utterance that starts (a playout delay,
 # adapted: from the most to 10 ms in eight utterances without a late frame)
 RESERVE_MAX_S = 0.1
+# how far the pacer may run behind its clock while no frame comes (two frames: what the
+# video track's queue holds); beyond that the clock slips
+MAX_BEHIND_S = 2 / FPS
 RESERVE_DECAY = 0.75
 
 Event = dict[str, Any]
@@ -366,13 +369,16 @@ class Synchronizer:
             await asyncio.wait({produced}, timeout=self.late_wait_s)
         finally:
             produced.cancel()
-        # the clock moves by what we waited, whether a frame came or not: else an engine
-        # that stalls for seconds (one slower than real time) leaves the clock that far
-        # behind, and the frames that finally come leave in a burst the encoders drop
+        if not self._out:
+            # a filler goes out late by the wait: the pacer may fall behind its clock by
+            # what the video queue holds, no more, else after a long stall (an engine
+            # slower than real time) the frames that finally come leave in a burst that
+            # the outgoing queues drop
+            behind = self.clock.now() - self.clock.deadline(self._released + 1)
+            self.clock.slip(behind - MAX_BEHIND_S)
+            return None
         waited = self.clock.now() - t
         self.clock.slip(waited)
-        if not self._out:
-            return None
         item = self._out.popleft()
         if item.speaking:
             self.reserve_s = min(RESERVE_MAX_S, self.reserve_s + waited)

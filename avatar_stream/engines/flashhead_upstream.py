@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import contextlib
 import importlib
-import io
 import logging
 import sys
 import threading
@@ -79,8 +78,9 @@ def _in_upstream() -> bool:
     return getattr(_inside, "depth", 0) > 0
 
 
-class _RoutedStdout(io.TextIOBase):
-    """sys.stdout while the engine runs: upstream's prints go to the log, others' pass."""
+class _RoutedStdout:
+    """sys.stdout while the engine runs: upstream's prints go to the log, others' pass (and
+    every other attribute is the original stream's: encoding, fileno, isatty, ...)."""
 
     def __init__(self, original: Any) -> None:
         self.original = original
@@ -107,8 +107,8 @@ def _install() -> None:
     """Route stdout and ``torch.cuda.synchronize`` through the checks above; both behave as
     before on every thread that is not inside upstream. Checked on every call: whoever
     replaced ``sys.stdout`` since (a test runner's capture, say) is wrapped in turn."""
-    if not isinstance(sys.stdout, _RoutedStdout):
-        sys.stdout = _RoutedStdout(sys.stdout)
+    if sys.stdout is not None and not isinstance(sys.stdout, _RoutedStdout):
+        sys.stdout = _RoutedStdout(sys.stdout)  # type: ignore[assignment]
     if getattr(torch.cuda.synchronize, "_avatar_stream", False):
         return
     with _install_lock:
