@@ -15,9 +15,10 @@ the engine's ``load_pipeline`` loads them exactly as it loads the real checkpoin
   (upstream stacks all 12 hidden states) and the real conv strides (320 samples a feature),
   tiny FFN and conv widths; the real feature extractor settings (zero-mean, unit-variance).
 
-Pro (``Model_Pro`` + ``VAE_Wan``) is not made: upstream hard-codes the Wan VAE's width (96
-channels at full resolution), so one Pro step on these 2 cores costs minutes; its loading
-and stepping are left to a GPU (README, FlashHead).
+For Pro, only loading is tested: ``Model_Pro`` is the same DiT for the Wan VAE's 16 latent
+channels (4x8x8, 2x2 patches), and ``VAE_Wan/Wan2.1_VAE.pth`` is upstream's ``WanVAE_`` with
+random weights at its real size, since upstream hard-codes its width (96 channels at full
+resolution: 127M parameters, and one Pro step on these 2 cores would take minutes).
 
 Built once per checkout under ``.cache/flashhead-tiny`` (ignored by git) and reused.
 """
@@ -27,6 +28,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -52,6 +54,10 @@ LTX_VAE = {
     "patch_size": 4, "norm_layer": "pixel_norm", "latent_log_var": "per_channel",
     "use_quant_conv": True, "causal_decoder": False, "timestep_conditioning": False,
 }
+PRO_DIT = {**LITE_DIT, "in_dim": 32, "out_dim": 16, "vae_stride": [4, 8, 8],
+           "patch_size": [1, 2, 2]}
+WAN_VAE = {"dim": 96, "z_dim": 16, "dim_mult": [1, 2, 4, 4], "num_res_blocks": 2,
+           "attn_scales": [], "temperal_downsample": [False, True, True], "dropout": 0.0}
 WAV2VEC = {
     "hidden_size": 768, "num_hidden_layers": 12, "num_attention_heads": 12,
     "intermediate_size": 64, "conv_dim": [16] * 7, "num_conv_pos_embeddings": 16,
@@ -78,28 +84,40 @@ def use_upstream(src: str) -> None:
             sys.path.append(path)
 
 
-def tiny_checkpoints(src: str) -> tuple[str, str]:
-    """``(checkpoint_dir, wav2vec_dir)`` of tiny Lite weights, built on first use."""
+def tiny_checkpoints(src: str, model: str = "lite") -> tuple[str, str]:
+    """``(checkpoint_dir, wav2vec_dir)`` of tiny weights for ``model``, built on first use."""
     use_upstream(src)
     checkpoints, wav2vec = CACHE / "SoulX-FlashHead-1_3B", CACHE / "wav2vec2-base-960h"
-    stamp = CACHE / "built.json"
-    want = {"version": VERSION, "dit": LITE_DIT, "vae": LTX_VAE, "wav2vec": WAV2VEC}
-    if not stamp.exists() or json.loads(stamp.read_text()) != want:
-        import torch
-
-        torch.manual_seed(0)
-        _build_dit(checkpoints / "Model_Lite")
-        _build_ltx_vae(checkpoints / "VAE_LTX")
-        _build_wav2vec(wav2vec)
-        stamp.write_text(json.dumps(want))
+    _built("wav2vec", WAV2VEC, lambda: _build_wav2vec(wav2vec))
+    if model == "lite":
+        _built("lite", [LITE_DIT, LTX_VAE], lambda: (
+            _build_dit(checkpoints / "Model_Lite", LITE_DIT),
+            _build_ltx_vae(checkpoints / "VAE_LTX")))
+    else:
+        _built("pro", [PRO_DIT, WAN_VAE], lambda: (
+            _build_dit(checkpoints / "Model_Pro", PRO_DIT),
+            _build_wan_vae(checkpoints / "VAE_Wan" / "Wan2.1_VAE.pth")))
     return str(checkpoints), str(wav2vec)
 
 
-def _build_dit(folder: Path) -> None:
+def _built(part: str, config: object, build: Callable[[], object]) -> None:
+    """Build ``part`` unless the cache holds it, made from this ``config``."""
+    stamp = CACHE / f"built-{part}.json"
+    want = {"version": VERSION, "config": config}
+    if stamp.exists() and json.loads(stamp.read_text()) == want:
+        return
+    import torch
+
+    torch.manual_seed(0)
+    build()
+    stamp.write_text(json.dumps(want))
+
+
+def _build_dit(folder: Path, config: dict[str, object]) -> None:
     import torch
     from flash_head.src.modules.flash_head_model import WanModelAudioProject
 
-    model = WanModelAudioProject(**LITE_DIT).to(torch.bfloat16)
+    model = WanModelAudioProject(**config).to(torch.bfloat16)
     model.save_pretrained(str(folder), safe_serialization=True)
 
 
@@ -119,7 +137,16 @@ def _build_ltx_vae(folder: Path) -> None:
     (folder / "per_channel_statistics.json").write_text(json.dumps(stats))
 
 
+def _build_wan_vae(path: Path) -> None:
+    import torch
+    from flash_head.wan.modules.vae import WanVAE_
+
+    path.parent.mkdir(parents=True, exist_ok=True)
+    torch.save(WanVAE_(**WAN_VAE).state_dict(), path)
+
+
 def _build_wav2vec(folder: Path) -> None:
+    folder.mkdir(parents=True, exist_ok=True)
     from transformers import Wav2Vec2Config, Wav2Vec2FeatureExtractor, Wav2Vec2Model
 
     Wav2Vec2Model(Wav2Vec2Config(**WAV2VEC)).save_pretrained(str(folder))

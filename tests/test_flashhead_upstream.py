@@ -30,7 +30,7 @@ from wavs import wav_bytes  # noqa: E402
 
 from avatar_stream.avatar import default_avatar_image  # noqa: E402
 from avatar_stream.engines import flashhead as fh  # noqa: E402
-from avatar_stream.engines.base import EngineError  # noqa: E402
+from avatar_stream.engines.base import EngineError, EngineUnavailable  # noqa: E402
 from avatar_stream.engines.flashhead_config import WINDOW_SAMPLES  # noqa: E402
 from avatar_stream.engines.flashhead_upstream import (  # noqa: E402
     UpstreamImportError,
@@ -270,3 +270,21 @@ def test_doctor_on_upstream_reports_the_step_after_idle_and_late_compiles(
     assert "first speech step after a second of idle" in lines["after idle"]
     assert lines["late compiles"].startswith("0 graphs"), text
     assert len(report.steps) == 3 and all(s["step_s"] > 0 for s in report.steps)
+
+
+def test_pro_loads_through_upstream(upstream) -> None:
+    """Pro as far as these cores afford: upstream's Wan VAE (its width is hard-coded) and the
+    Pro DiT load from upstream's layout, and the engine's schedule agrees with the loaded
+    VAE's stride. A Pro step at 512x512 would take minutes here (README, FlashHead)."""
+    src = upstream[0]
+    checkpoints, wav2vec = tiny_checkpoints(src, "pro")
+    engine = fh.FlashHeadEngine(model="pro", checkpoint_dir=checkpoints, wav2vec_dir=wav2vec,
+                                device="cpu", compile=False, upstream_dir=src)
+    try:
+        pipe = engine.pipeline
+        assert type(pipe.vae).__name__ == "WanVAE" and tuple(pipe.config.vae_stride) == (4, 8, 8)
+        assert engine.schedule.motion_frames == 5 and engine.schedule.frames_per_step == 28
+        with pytest.raises(EngineUnavailable, match="temporal stride of 4"):
+            fh.FlashHeadEngine(model="lite", pipeline=pipe)  # Pro's weights, said to be Lite
+    finally:
+        engine.close()

@@ -50,6 +50,7 @@ from .base import (
     Engine,
     EngineError,
     EngineStream,
+    EngineUnavailable,
 )
 from .flashhead_config import (
     COLOR_CORRECTION,
@@ -338,12 +339,24 @@ class FlashHeadEngine(Engine):
         self.schedule: Schedule = self.options.schedule_obj()
         self.pipeline = pipeline if pipeline is not None else load_pipeline(self.options)
         self.device = self.pipeline.device
+        self._check_vae_stride()
         self.step_s: float | None = None
         self.warm_graphs: int | None = None  # graphs compiled when warm-up ended
         self.late_graphs = 0  # graphs compiled by steps since
         self._lock = threading.RLock()
         self._people: dict[str, _Person] = {}
         self._images = tempfile.TemporaryDirectory(prefix="avatar-stream-flashhead-")
+
+    def _check_vae_stride(self) -> None:
+        """The schedule's motion frames come from the model's VAE: (2 - 1) * temporal
+        stride + 1 (upstream's formula, two motion latents). A checkpoint whose VAE says
+        otherwise would make every chunk start in the wrong place: refuse it."""
+        stride = getattr(getattr(self.pipeline, "config", None), "vae_stride", None)
+        if stride and stride[0] + 1 != self.schedule.motion_frames:
+            raise EngineUnavailable(
+                f"the {self.options.model} checkpoint's VAE has a temporal stride of "
+                f"{stride[0]}, but {self.options.model} streams with "
+                f"{self.schedule.motion_frames} motion frames: is it the right --model?")
 
     # -- avatars ---------------------------------------------------------------------
 
