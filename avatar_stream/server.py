@@ -24,6 +24,8 @@ from typing import Any
 import cv2
 from aiohttp import WSMsgType, web
 
+from . import aiortc_internals
+from .aiortc_internals import AiortcMismatch
 from .auth import (
     AuthError,
     Credentials,
@@ -111,6 +113,7 @@ def json_error(status: int, message: str, **headers: str) -> web.Response:
 
 async def load_state(config: ServerConfig) -> ServerState:
     """Load the engine and prepare the avatar (raises AvatarError for an unusable photo)."""
+    aiortc_internals.check()
     restrict_host_addresses(config.ice_host_addresses)
     loop = asyncio.get_running_loop()
     engine = await loop.run_in_executor(
@@ -703,5 +706,5 @@ def run(config: ServerConfig, announce: bool = True, sock: socket.socket | None 
             web.run_app(make(), host=config.host, port=config.port, print=None)
     except AvatarError as exc:
         raise SystemExit(f"avatar-stream: cannot use the avatar photo: {exc}") from None
-    except WorkerError as exc:
+    except (WorkerError, AiortcMismatch) as exc:
         raise SystemExit(f"avatar-stream: {exc}") from None
