@@ -32,8 +32,9 @@ from .auth import AuthError, Credentials, passed_on
 from .avatars import DEFAULT_ID, AvatarConflict, AvatarStore, photos_in
 from .engines.base import Avatar, AvatarError, EngineError
 from .facerig import PhotoError
-from .render import FORMATS, SpeechError, load_speech, render_clip
+from .render import FORMATS, load_speech, render_clip
 from .server import STATE
+from .speech import SpeechError
 
 T = TypeVar("T")
 
@@ -298,8 +299,7 @@ async def animate(request: web.Request) -> web.Response:
     try:
         clip = await request.app[RENDER_JOBS].run(_render, store, avatar, audio, fmt)
     except SpeechError as exc:
-        status = 413 if "longer than" in str(exc) else 415
-        raise _error(status, str(exc)) from None
+        raise _error(exc.status, exc.message) from None
     media = "video/webm" if fmt == "webm" else "video/mp4"
     return web.Response(body=clip, content_type=media, headers={
         "Content-Disposition": f'inline; filename="{avatar.id}.{fmt}"'})
@@ -318,7 +318,7 @@ def _prepare_once(store: AvatarStore, photo: bytes) -> Avatar:
 def _render(store: AvatarStore, avatar: Avatar, audio: bytes, fmt: str) -> bytes:
     speech, rate = load_speech(audio)
     if len(speech) > MAX_ANIMATE_SPEECH_S * rate:
-        raise SpeechError(f"speech longer than {MAX_ANIMATE_SPEECH_S:.0f} s")
+        raise SpeechError(413, f"speech longer than {MAX_ANIMATE_SPEECH_S:.0f} s")
     out = io.BytesIO()
     render_clip(store.engine, avatar, speech, rate, out, fmt)
     return out.getvalue()

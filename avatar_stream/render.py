@@ -31,6 +31,7 @@ import soxr
 
 from avatar_stream.engines import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, Avatar, Engine
 from avatar_stream.engines.flashhead_config import add_cli_options as add_flashhead_options
+from avatar_stream.speech import SpeechError
 
 AUDIO_RATE = 48_000
 #: container -> (video codec, audio codec, options)
@@ -44,17 +45,13 @@ MAX_SPEECH_S = 600.0  # a clip longer than this is a mistake, not a request
 ProgressFn = Callable[[int, int], None]
 
 
-class SpeechError(ValueError):
-    """The speech input cannot be used; the message says why, for the user."""
-
-
 def load_speech(source: str | Path | bytes | BinaryIO) -> tuple[np.ndarray, int]:
     """Any audio file PyAV (FFmpeg) decodes, as float32 mono samples and their rate."""
     src: Any = io.BytesIO(source) if isinstance(source, (bytes, bytearray)) else source
     try:
         with av.open(src, "r") as container:
             if not container.streams.audio:
-                raise SpeechError("no audio stream in the speech file")
+                raise SpeechError(415, "no audio stream in the speech file")
             stream = container.streams.audio[0]
             rate = int(stream.codec_context.sample_rate or stream.rate or 0)
             # planar float, then the mean of the channels: FFmpeg's own downmix adds them at
@@ -68,16 +65,16 @@ def load_speech(source: str | Path | bytes | BinaryIO) -> tuple[np.ndarray, int]
                     chunks.append(chunk)
                     total += chunk.size
                     if total > MAX_SPEECH_S * rate:
-                        raise SpeechError(f"speech longer than {MAX_SPEECH_S:.0f} s")
+                        raise SpeechError(413, f"speech longer than {MAX_SPEECH_S:.0f} s")
             for out in planar.resample(None):
                 chunks.append(out.to_ndarray().mean(axis=0))
     except av.FFmpegError as exc:
-        raise SpeechError(f"not a readable audio file ({exc.strerror or exc})") from exc
+        raise SpeechError(415, f"not a readable audio file ({exc.strerror or exc})") from exc
     if not chunks or rate <= 0:
-        raise SpeechError("the speech file holds no audio")
+        raise SpeechError(400, "the speech file holds no audio")
     samples = np.concatenate(chunks).astype(np.float32)
     if samples.size == 0:
-        raise SpeechError("the speech file holds no audio")
+        raise SpeechError(400, "the speech file holds no audio")
     return samples, rate
 
 
@@ -121,7 +118,7 @@ def render_clip(
         raise ValueError(f"unknown output format {fmt!r}; use .webm or .mp4")
     speech = np.asarray(speech, dtype=np.float32).reshape(-1)
     if speech.size == 0:
-        raise SpeechError("the speech is empty")
+        raise SpeechError(400, "the speech is empty")
     started, cpu_started = time.perf_counter(), time.process_time()
     x16 = soxr.resample(speech, rate, SAMPLE_RATE).astype(np.float32) if rate != SAMPLE_RATE \
         else speech
