@@ -92,10 +92,6 @@ class SpeechTrack(MediaStreamTrack):
         self._clip, self._pos = pcm, 0
         self.play_started.append((time.perf_counter(), self._n * MIC_FRAME))
 
-    @property
-    def playing(self) -> bool:
-        return self._pos < len(self._clip)
-
     async def recv(self) -> av.AudioFrame | av.Packet:
         if self.readyState != "live":
             raise MediaStreamError

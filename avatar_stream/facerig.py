@@ -144,10 +144,6 @@ class FaceRig:
     mouth_box: Box  # around the outer lips with a margin, clipped to the image
     score: float  # face presence, 0..1
 
-    def point(self, index: int) -> np.ndarray:
-        """(x, y) of one landmark."""
-        return self.landmarks[index, :2]
-
     @property
     def face_height(self) -> float:
         """Forehead top to chin, px: the scale that normalises the other measures."""

@@ -92,7 +92,6 @@ class Session:
         self._closing = False
         self._ready_sent = False
         self._tasks: set[asyncio.Task[Any]] = set()
-        self.mic_dropped_s = 0.0
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -216,8 +215,8 @@ class Session:
                     continue
                 try:
                     self.speech.push(samples, utterance)
-                except SpeechQueueFull:
-                    self.mic_dropped_s += len(samples) / 16000
+                except SpeechQueueFull:  # the microphone outran the bounded queue:
+                    continue  # this piece is dropped, the next may fit
 
     def _speech_queued(self) -> None:
         """Pushed speech (or an utterance's end) was queued: the session is in use (the

@@ -348,13 +348,9 @@ class SpeechInput:
         self._closed: OrderedDict[str, str] = OrderedDict()  # id -> "ended" | "interrupted"
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # keeps a session's decoded pushes in arrival order
-        self.idle_ended = 0
 
     def new_id(self) -> str:
         return f"utt-{next(self._ids)}"
-
-    def is_open(self, utterance_id: str) -> bool:
-        return utterance_id in self._open
 
     # -- pushing -----------------------------------------------------------------------
 
@@ -481,7 +477,6 @@ class SpeechInput:
         quiet = time.monotonic() - utt.last_audio
         if quiet >= self.idle_end_s and self.queue.queued(utterance_id) == 0:
             # left open with nothing to play: finish it, but let later audio continue it
-            self.idle_ended += 1
             tail = utt.resampler.flush()
             if len(tail):
                 with _suppress_full():

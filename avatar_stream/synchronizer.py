@@ -169,10 +169,6 @@ class Synchronizer:
         self._audio_fifo = np.zeros(0, dtype=np.float32)
 
     @property
-    def queued_frames(self) -> int:
-        return len(self._out)
-
-    @property
     def speaking(self) -> bool:
         return bool(self._started)
 
