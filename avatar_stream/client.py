@@ -42,12 +42,13 @@ from .encoders import OpusPacketEncoder, use_avatar_encoders
 from .ice import filter_candidates, restrict_host_addresses, rtc_configuration
 from .ingest import frame_to_mono
 from .jitterbuffer import ArrivalRecordingBuffer, record_arrivals
+from .media import OUT_RATE
 
 # Audio packets held back before one plays (reorder room): 2 (40 ms) is what a browser
 # holds on a clean link (Chromium's getStats read 46 ms of audio jitter buffer against this
 # server on loopback); aiortc's own receiver holds a fixed 4 (80 ms).
 AUDIO_PREFETCH = 2
-MIC_RATE = 48_000
+MIC_RATE = OUT_RATE
 MIC_FRAME = 960  # 20 ms
 # speech pushed on the data channel: stop sending above HIGH bytes buffered, go on below LOW
 DC_HIGH_WATER = 256 * 1024

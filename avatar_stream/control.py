@@ -21,7 +21,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-Event = dict[str, Any]
+from .media import Event
+
 Audio = np.ndarray | bytes
 CHUNK_BYTES = 16 * 1024  # per binary message: safe for every SCTP stack, small for a WebSocket
 ACK_TIMEOUT_S = 15.0

@@ -35,10 +35,10 @@ from aiortc.mediastreams import VIDEO_TIME_BASE, convert_timebase
 from aiortc.rtcrtpsender import RTCRtpSender
 from av.frame import Frame
 
-from .engines.base import FPS
+from .media import FPS, OUT_RATE
 
 MAX_BITRATE = 800_000  # aiortc's own cap is 1.5 Mbps; its floor (MIN_BITRATE) is kept
-OPUS_RATE = 48_000
+OPUS_RATE = OUT_RATE
 OPUS_TIME_BASE = fractions.Fraction(1, OPUS_RATE)
 OPUS_BITRATE = 64_000  # mono speech; aiortc sends 96 kbps of stereo
 

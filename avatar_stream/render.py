@@ -31,9 +31,10 @@ import soxr
 
 from avatar_stream.engines import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, Avatar, Engine
 from avatar_stream.engines.flashhead_config import add_cli_options as add_flashhead_options
+from avatar_stream.media import OUT_RATE
 from avatar_stream.speech import SpeechError
 
-AUDIO_RATE = 48_000
+AUDIO_RATE = OUT_RATE
 #: container -> (video codec, audio codec, options)
 FORMATS: dict[str, tuple[str, str, dict[str, str]]] = {
     "webm": ("libvpx", "libopus", {"deadline": "good", "cpu-used": "5", "crf": "10",

@@ -43,11 +43,11 @@ from .config import ServerConfig
 from .engines import create_engine
 from .engines.base import Avatar, AvatarError, Engine
 from .ice import restrict_host_addresses
+from .media import Event
 from .metrics import CONTENT_TYPE, Metrics
 from .routing import ANSWERED_BY, FORWARDED, Forwarder, owned_id
 from .session import OfferError, Session
 from .speech import SpeechError, SpeechProtocol, check_utterance_id, decode_body
-from .synchronizer import Event
 from .tts import TTS, TTSError, create_tts
 from .turn import session_ice_servers
 from .worker import EngineWorker

@@ -31,10 +31,11 @@ from .engines.base import Avatar, Engine, EngineStream
 from .ice import filter_candidates, rtc_configuration
 from .ingest import LiveSpeechGate, Resampler, frame_to_mono
 from .jitterbuffer import receive_audio_immediately
+from .media import Event
 from .metrics import Metrics
 from .speech import SpeechInput, SpeechProtocol
 from .speechqueue import SpeechQueue, SpeechQueueFull
-from .synchronizer import Event, Synchronizer
+from .synchronizer import Synchronizer
 from .tracks import PacedTrack
 from .worker import EngineWorker
 

@@ -27,8 +27,8 @@ from typing import Any
 
 import numpy as np
 
-from .engines.base import SAMPLE_RATE
 from .ingest import Resampler
+from .media import SAMPLE_RATE, Event
 from .speechqueue import SpeechQueue, SpeechQueueFull
 
 MIN_RATE = 8_000
@@ -500,7 +500,6 @@ class _suppress_full:
 
 # -- the speech protocol on a WebSocket or the data channel --------------------------------
 
-Event = dict[str, Any]
 
 
 class SpeechProtocol:

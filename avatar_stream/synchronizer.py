@@ -27,22 +27,21 @@ import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Any
 
 import av
 import cv2
 import numpy as np
 
 from .clock import MediaClock
-from .engines.base import FPS, FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME, EngineStream
+from .engines.base import EngineStream
 from .ingest import Resampler, float_to_s16
+from .media import FPS, FRAME_SIZE, OUT_RATE, SAMPLE_RATE, SAMPLES_PER_FRAME, Event
 from .speechqueue import Segment, SpeechQueue, split_segments
 from .tracks import PacedTrack
 from .worker import EngineWorker
 
 log = logging.getLogger(__name__)
 
-OUT_RATE = 48_000
 OUT_SAMPLES_PER_FRAME = OUT_RATE // FPS  # 1920: two 20 ms audio frames per video frame
 OUT_HALF = OUT_SAMPLES_PER_FRAME // 2
 VIDEO_TIME_BASE = fractions.Fraction(1, 90_000)
@@ -59,7 +58,6 @@ RESERVE_MAX_S = 0.1
 MAX_BEHIND_S = 2 / FPS
 RESERVE_DECAY = 0.75
 
-Event = dict[str, Any]
 
 
 @dataclass

@@ -13,8 +13,7 @@ import soxr
 
 from avatar_stream.bench.analysis import signal_envelope, smooth
 from avatar_stream.client import Received
-
-OUT_RATE = 48_000
+from avatar_stream.media import OUT_RATE
 
 
 async def until(predicate: Callable[[], bool], timeout: float, step: float = 0.02) -> bool:

@@ -19,12 +19,10 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-FPS = 25
-SAMPLE_RATE = 16_000
-SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
-FRAME_SIZE = 512
+from ..media import FPS, FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME, Box
 
-Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
+__all__ = ["FPS", "FRAME_SIZE", "SAMPLE_RATE", "SAMPLES_PER_FRAME", "Avatar", "AvatarError",
+           "Box", "Engine", "EngineError", "EngineStream", "EngineUnavailable"]
 
 
 class AvatarError(ValueError):
