@@ -33,8 +33,8 @@ from .avatars import DEFAULT_ID, AvatarConflict, AvatarStore, photos_in
 from .engines.base import Avatar, AvatarError, EngineError
 from .facerig import PhotoError
 from .render import FORMATS, load_speech, render_clip
-from .server import STATE
 from .speech import SpeechError
+from .state import STATE
 
 T = TypeVar("T")
 

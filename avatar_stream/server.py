@@ -14,9 +14,8 @@ import json
 import logging
 import socket
 import time
-from collections import OrderedDict
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from importlib import resources
 from pathlib import Path
 from typing import Any
@@ -29,26 +28,24 @@ from .aiortc_internals import AiortcMismatch
 from .auth import (
     AuthError,
     Credentials,
-    Guard,
-    RateLimiter,
-    TokenIssuer,
     client_ip,
     cors_middleware,
     passed_on,
     retry_after,
 )
 from .avatar import reference_image
-from .capacity import CapacityCollector, admission_limit, capacity_info
+from .capacity import capacity_info
 from .config import ServerConfig
 from .engines import create_engine
-from .engines.base import Avatar, AvatarError, Engine
+from .engines.base import AvatarError
 from .ice import restrict_host_addresses
 from .media import Event
-from .metrics import CONTENT_TYPE, Metrics
+from .metrics import CONTENT_TYPE
 from .routing import ANSWERED_BY, FORWARDED, Forwarder, owned_id
 from .session import OfferError, Session
 from .speech import SpeechError, SpeechProtocol, check_utterance_id, decode_body
-from .tts import TTS, TTSError, create_tts
+from .state import STATE, ServerState
+from .tts import TTSError, create_tts
 from .turn import session_ice_servers
 from .worker import EngineWorker
 from .workers import WorkerError, WorkerPool
@@ -63,48 +60,6 @@ DEFAULT_AVATAR = "default"
 WS_OUTBOX = 256  # events waiting for a slow WebSocket reader before it is disconnected
 
 
-@dataclass
-class ServerState:
-    config: ServerConfig
-    engine: Engine
-    worker: EngineWorker
-    avatars: dict[str, Avatar]
-    sessions: dict[str, Session] = field(default_factory=dict)
-    metrics: Metrics = field(init=False)
-    guard: Guard = field(init=False)
-    creations: RateLimiter = field(init=False)
-    tts: TTS | None = None
-    tts_slots: asyncio.Semaphore = field(init=False)
-    ended: OrderedDict[str, str] = field(default_factory=OrderedDict)  # id -> why it ended
-    pool: WorkerPool | None = None  # --workers: sessions run in these processes, not here
-
-    def __post_init__(self) -> None:
-        self.metrics = Metrics(lambda: list(self.sessions.values()))
-        self.metrics.registry.register(
-            CapacityCollector(lambda: self.engine, lambda: self.max_sessions)
-        )
-        self.guard = Guard(self.config.api_key, TokenIssuer(self.config.token_secret))
-        self.creations = RateLimiter(self.config.sessions_per_ip_per_minute)
-        self.tts_slots = asyncio.Semaphore(max(1, self.config.tts_concurrency))
-
-    @property
-    def token_ttl_s(self) -> float:
-        ttl = self.config.token_ttl_s
-        if ttl is None:  # outlive the session a little: after it, callers learn it ended (410)
-            ttl = (self.config.session_max_duration_s or 24 * 3600.0) + 300.0
-        return ttl
-
-    @property
-    def max_sessions(self) -> int:
-        """--max-sessions, capped by what a GPU engine measured it serves in real time."""
-        return admission_limit(self.config.max_sessions, self.engine)
-
-    @property
-    def has_capacity(self) -> bool:
-        return len(self.sessions) < self.max_sessions
-
-
-STATE = web.AppKey("state", ServerState)
 
 
 def json_error(status: int, message: str, **headers: str) -> web.Response:
@@ -171,7 +126,7 @@ def create_app(state: ServerState) -> web.Application:
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
     if config.workers > 1 and state.pool is None:
-        state.pool = WorkerPool(config, config.workers)
+        state.pool = WorkerPool(config, config.workers, serve=run)
     pool = state.pool
     # calls for another replica's (or worker's) session go to it (routing.py)
     forwarder = Forwarder.create(config, lambda sid: sid in state.sessions or sid in state.ended,

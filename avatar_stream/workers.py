@@ -23,7 +23,7 @@ import os
 import socket
 import threading
 import time
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -93,9 +93,9 @@ def _listener() -> socket.socket:
     return sock
 
 
-def _serve(config: ServerConfig, parent: int, listener: socket.socket) -> None:
-    """A worker process: the ordinary server, ending when its front goes away."""
-    from .server import run
+def _serve(run: Callable[..., None], config: ServerConfig, parent: int,
+           listener: socket.socket) -> None:
+    """A worker process: the ordinary server (``run``), ending when its front goes away."""
 
     def watch_parent() -> None:
         while os.getppid() == parent:
@@ -113,8 +113,11 @@ def _serve(config: ServerConfig, parent: int, listener: socket.socket) -> None:
 class WorkerPool:
     """The front's worker processes: started with the app, stopped with it."""
 
-    def __init__(self, config: ServerConfig, count: int) -> None:
+    def __init__(self, config: ServerConfig, count: int, serve: Callable[..., None]) -> None:
+        """``serve``: what each worker process runs (``server.run``, handed in so that this
+        module needs no import of the server that imports it)."""
         self.count = count
+        self._run = serve
         self.workers: list[Worker] = []
         self._http: aiohttp.ClientSession | None = None
         self._supervisor: asyncio.Task[None] | None = None
@@ -179,8 +182,9 @@ class WorkerPool:
             peers=None, workers=1, max_sessions=self._limit(index),
             sessions_per_ip_per_minute=0,  # the front limits callers: here all are the front
         )
-        process = self._context.Process(target=_serve, args=(config, os.getpid(), listener),
-                                        name=f"avatar-stream-worker-{index}")
+        process = self._context.Process(
+            target=_serve, args=(self._run, config, os.getpid(), listener),
+            name=f"avatar-stream-worker-{index}")
         process.start()
         return Worker(index, config.advertise or "", listener, process)
 
