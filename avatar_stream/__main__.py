@@ -1,3 +1,3 @@
-from .cli import main
+from avatar_stream.tools.cli import main
 
 main()

@@ -40,8 +40,8 @@ import numpy as np
 # run from a checkout without installing: the package is next door
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from avatar_stream.control import RequestError, SessionControl  # noqa: E402
-from avatar_stream.speech import decode_wav  # noqa: E402
+from avatar_stream.audio.decode import decode_wav  # noqa: E402
+from avatar_stream.client.sessioncontrol import RequestError, SessionControl  # noqa: E402
 
 PCM_RATE = 24_000  # what OpenAI-style endpoints send for response_format "pcm"
 

@@ -25,7 +25,7 @@ from aiohttp import web
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 
-from avatar_stream.ice import filter_candidates, rtc_configuration
+from avatar_stream.transports.webrtc.ice import filter_candidates, rtc_configuration
 
 MOUTH_BOX = (200, 300, 312, 360)
 

@@ -12,7 +12,7 @@ import numpy as np
 import soxr
 
 from avatar_stream.bench.analysis import signal_envelope, smooth
-from avatar_stream.client import Received
+from avatar_stream.client.avatarclient import Received
 from avatar_stream.media import OUT_RATE
 
 

@@ -31,8 +31,8 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from speechtools import until
 
 from avatar_stream.config import ServerConfig
-from avatar_stream.ice import filter_candidates, rtc_configuration
-from avatar_stream.server import running_server
+from avatar_stream.transports.http.app import running_server
+from avatar_stream.transports.webrtc.ice import filter_candidates, rtc_configuration
 
 pytestmark = [pytest.mark.timeout(240)]
 

@@ -22,8 +22,8 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     tomllib = pytest.importorskip("tomli")
 
-from avatar_stream import cli  # noqa: E402
-from avatar_stream.engines.flashhead_config import CHECKPOINT_LAYOUT  # noqa: E402
+from avatar_stream.engines.flashhead.config import CHECKPOINT_LAYOUT  # noqa: E402
+from avatar_stream.tools import cli  # noqa: E402
 
 ROOT = Path(__file__).resolve().parent.parent
 K8S = ROOT / "k8s"

@@ -12,9 +12,9 @@ from aiohttp import web
 from speechtools import events, until
 from test_tts import StandInTTS
 
-from avatar_stream.client import AvatarClient
+from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.config import ServerConfig
-from avatar_stream.server import running_server
+from avatar_stream.transports.http.app import running_server
 
 ROOT = Path(__file__).resolve().parent.parent
 pytestmark = [pytest.mark.timeout(90)]

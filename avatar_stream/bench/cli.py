@@ -23,12 +23,12 @@ import av
 import numpy as np
 import soxr
 
-from ..client import AUDIO_PREFETCH, MIC_RATE
-from ..ice import parse_addresses
-from ..workers import cores
-from . import report
-from .machine import CpuMeter, CpuShare, server_cpu_seconds
-from .runner import SessionResult, progress_printer, run_session, server_or_url
+from avatar_stream.bench import report
+from avatar_stream.bench.machine import CpuMeter, CpuShare, server_cpu_seconds
+from avatar_stream.bench.runner import SessionResult, progress_printer, run_session, server_or_url
+from avatar_stream.client.avatarclient import AUDIO_PREFETCH, MIC_RATE
+from avatar_stream.scale.workers import cores
+from avatar_stream.transports.webrtc.ice import parse_addresses
 
 BENCH_TEXT = "Speech goes in, and a talking face comes out, with every word in sync."
 
@@ -230,9 +230,9 @@ async def session_processes(url: str) -> int:
 
 def engine_only(args: argparse.Namespace) -> int:
     """Frame time of the engine alone, single-threaded, on speech-like input."""
-    from ..avatar import reference_image
-    from ..engines import create_engine
-    from ..render import measure_render_speed
+    from avatar_stream.avatars.photo import reference_image
+    from avatar_stream.engines.registry import create_engine
+    from avatar_stream.tools.render import measure_render_speed
 
     engine = create_engine(args.engine)
     avatar = engine.prepare(reference_image(None), "default")

@@ -11,8 +11,8 @@ from typing import Any
 
 import numpy as np
 
-from .machine import CpuShare
-from .runner import SessionResult
+from avatar_stream.bench.machine import CpuShare
+from avatar_stream.bench.runner import SessionResult
 
 # row name -> (unit, how to get the samples of one session)
 ROWS: dict[str, tuple[str, Any]] = {

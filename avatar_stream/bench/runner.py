@@ -19,9 +19,9 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from ..client import AUDIO_PREFETCH, MIC_RATE, AvatarClient
-from ..config import ServerConfig
-from . import analysis as A
+from avatar_stream.bench import analysis as A
+from avatar_stream.client.avatarclient import AUDIO_PREFETCH, MIC_RATE, AvatarClient
+from avatar_stream.config import ServerConfig
 
 PAUSE_S = 1.2  # between clips
 IDLE_S = 1.0  # before the first clip
@@ -227,7 +227,7 @@ def _clips_envelope(script: Script, speech: np.ndarray) -> tuple[np.ndarray, np.
 
 def _rig_openings(faces: list[np.ndarray]) -> np.ndarray:
     """Inner-lip gap per received frame, from the face rig (see ``lipsync``)."""
-    from ..lipsync import mouth_openings
+    from avatar_stream.bench.lipsync import mouth_openings
 
     return mouth_openings(np.repeat(f[:, :, None], 3, axis=2) for f in faces)
 
@@ -277,7 +277,7 @@ async def server_or_url(
         async with _server_process(engine, host_addresses) as local_url:
             yield local_url
         return
-    from ..server import running_server
+    from avatar_stream.transports.http.app import running_server
 
     config = ServerConfig(host="127.0.0.1", port=0, engine=engine,
                           ice_host_addresses=host_addresses, max_sessions=64)

@@ -1,39 +1,16 @@
-"""Engines behind one interface (``base.py``); each engine in its own module, imported lazily."""
+"""Engines behind one interface (``base.py``), listed in one registry (``registry.py``);
+each engine in its own module or package, imported only when chosen."""
 
-from __future__ import annotations
-
-from typing import Any
-
-from .base import (
-    FPS,
-    FRAME_SIZE,
-    SAMPLE_RATE,
-    SAMPLES_PER_FRAME,
+from avatar_stream.engines.base import (
     Avatar,
     AvatarError,
     Engine,
+    EngineError,
     EngineStream,
+    EngineUnavailable,
 )
-
-ENGINES = ("warp", "still", "flashhead")
-
-
-def create_engine(name: str, **options: Any) -> Engine:
-    """Load an engine by name (``--engine``)."""
-    if name == "warp":
-        from .warp import WarpEngine
-
-        return WarpEngine(**options)
-    if name == "still":
-        from .still import StillEngine
-
-        return StillEngine(**options)
-    if name == "flashhead":  # torch and upstream: the `flashhead` extra / Docker target
-        from .flashhead import FlashHeadEngine
-
-        return FlashHeadEngine(**options)
-    raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
-
+from avatar_stream.engines.registry import ENGINES, create_engine
+from avatar_stream.media import FPS, FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 __all__ = [
     "ENGINES",
@@ -44,6 +21,8 @@ __all__ = [
     "Avatar",
     "AvatarError",
     "Engine",
+    "EngineError",
     "EngineStream",
+    "EngineUnavailable",
     "create_engine",
 ]

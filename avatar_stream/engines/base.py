@@ -19,7 +19,7 @@ from typing import Any, ClassVar
 
 import numpy as np
 
-from ..media import FPS, FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME, Box
+from avatar_stream.media import FPS, FRAME_SIZE, SAMPLE_RATE, SAMPLES_PER_FRAME, Box
 
 __all__ = ["FPS", "FRAME_SIZE", "SAMPLE_RATE", "SAMPLES_PER_FRAME", "Avatar", "AvatarError",
            "Box", "Engine", "EngineError", "EngineStream", "EngineUnavailable"]

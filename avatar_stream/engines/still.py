@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from ..facerig import get_rigger
-from .base import Avatar, Engine, EngineStream
+from avatar_stream.avatars.facerig import get_rigger
+from avatar_stream.engines.base import Avatar, Engine, EngineStream
 
 
 class StillStream(EngineStream):

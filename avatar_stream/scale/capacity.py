@@ -1,0 +1,55 @@
+"""Admission: how many sessions this server takes, and the figures behind it.
+
+A CPU engine scales with worker threads, so only ``--max-sessions`` limits it. A GPU engine
+runs every session's steps on one device; it measures at warm-up how many frames a second
+that device makes, and only as many sessions as get 25 of them each (all speaking at once)
+are admitted. ``/readyz`` turns 503 when no slot is free (a load balancer then sends new
+sessions elsewhere) and ``/metrics`` exports the same figures.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from prometheus_client.core import GaugeMetricFamily, Metric
+from prometheus_client.registry import Collector
+
+from avatar_stream.engines.base import Engine
+
+
+def admission_limit(max_sessions: int, engine: Engine) -> int:
+    """Sessions admitted at once: ``--max-sessions``, capped by what the device serves. An
+    engine slower than real time still takes one session (it plays speech in bursts, the
+    picture held between them: nothing is skipped), never none."""
+    realtime = engine.realtime_sessions
+    return max_sessions if realtime is None else min(max_sessions, max(1, realtime))
+
+
+def capacity_info(engine: Engine, limit: int, active: int) -> dict[str, Any]:
+    """The ``/readyz`` body's capacity part."""
+    info: dict[str, Any] = {"sessions": active, "max_sessions": limit,
+                            "free": max(0, limit - active)}
+    if engine.step_fps is not None:
+        info["step_fps"] = round(engine.step_fps, 1)
+        info["realtime_sessions"] = engine.realtime_sessions
+    return info
+
+
+class CapacityCollector(Collector):
+    """``avatar_sessions_max``, ``avatar_engine_step_fps``, ``avatar_engine_realtime_sessions``."""
+
+    def __init__(self, engine: Callable[[], Engine], limit: Callable[[], int]) -> None:
+        self._engine = engine
+        self._limit = limit
+
+    def collect(self) -> Iterator[Metric]:
+        engine = self._engine()
+        yield GaugeMetricFamily("avatar_sessions_max", "Sessions admitted at once (the lower "
+                                "of --max-sessions and what the engine serves in real time).",
+                                self._limit())
+        if engine.step_fps is not None:
+            yield GaugeMetricFamily("avatar_engine_step_fps", "Frames per second the engine's "
+                                    "device makes, measured at warm-up.", engine.step_fps)
+            yield GaugeMetricFamily("avatar_engine_realtime_sessions", "Sessions the device "
+                                    "serves at 25 fps each.", engine.realtime_sessions or 0)

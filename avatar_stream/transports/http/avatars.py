@@ -1,0 +1,256 @@
+"""HTTP routes for avatars and offline animation.
+
+- ``POST /v1/avatars``: a photo (multipart field ``image`` and optional ``id``, or an
+  ``image/*`` body with ``?id=``) -> 201 and its info (200 if that photo is already there)
+- ``GET /v1/avatars``: ``{"avatars": [info, ...]}``
+- ``GET /v1/avatars/{id}``: info (size, face box, mouth box, source, quality)
+- ``GET /v1/avatars/{id}/preview.png``: the 512x512 reference the engine animates
+- ``DELETE /v1/avatars/{id}``: 204 (sessions using it keep it until they end)
+- ``POST /v1/animate``: multipart ``audio`` + ``image`` (or ``avatar`` id), optional
+  ``format`` (webm, mp4) -> the clip with its sound
+
+A photo that cannot be animated gets a 4xx whose JSON names the reason (``{"error":
+message, "reason": code}``): 413 too_large, 415 not_image, 422 too_small / no_face /
+several_faces / face_too_small / turned_away. Preparing (~0.4 s) and rendering run on their
+own threads, one job at a time each, never on the event loop and never on the engine
+worker's threads, so live sessions keep their frame rate.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import io
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+from aiohttp import web
+
+from avatar_stream.avatars.facerig import PhotoError
+from avatar_stream.avatars.ranking import photos_in
+from avatar_stream.avatars.store import DEFAULT_ID, AvatarConflict, AvatarStore
+from avatar_stream.engines.base import Avatar, AvatarError, EngineError
+from avatar_stream.errors import SpeechError
+from avatar_stream.tools.render import FORMATS, load_speech, render_clip
+from avatar_stream.transports.http.auth import passed_on
+from avatar_stream.transports.http.body import form_text, read_form, read_limited
+from avatar_stream.transports.http.errors import HTTPJSONError, speech_error
+from avatar_stream.transports.http.sessions import require_server
+from avatar_stream.transports.http.state import STATE
+
+T = TypeVar("T")
+
+AVATAR_STORE = web.AppKey("avatar_store", AvatarStore)
+MAX_PHOTO_BYTES = 15 * 1024 * 1024
+MAX_AUDIO_BYTES = 32 * 1024 * 1024
+MAX_ANIMATE_SPEECH_S = 120.0
+MAX_WAITING_JOBS = 2  # more prepare or render jobs than this waiting: 503, try later
+PHOTO_STATUS = {"too_large": 413, "not_image": 415}  # every other photo problem: 422
+PHOTO_TYPES = ("image/", "application/octet-stream")
+
+
+class _Jobs:
+    """One thread for one kind of heavy job, with a bound on how many may wait."""
+
+    def __init__(self, name: str) -> None:
+        self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
+        self.pending = 0
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        if self.pending > MAX_WAITING_JOBS:
+            raise HTTPJSONError(503, "busy with other uploads or renders; try again shortly",
+                                **{"Retry-After": "2"})
+        self.pending += 1
+        try:
+            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+        finally:
+            self.pending -= 1
+
+
+PREPARE_JOBS = web.AppKey("avatar_prepare_jobs", _Jobs)
+RENDER_JOBS = web.AppKey("animate_jobs", _Jobs)
+
+
+def add_avatar_api(app: web.Application) -> None:
+    """Register the routes and the store on the server's app (``app[STATE]`` must be set).
+    The ``--avatars`` folder (``config.avatars_dir``) is loaded before the server listens."""
+    state = app[STATE]
+    app[AVATAR_STORE] = AvatarStore(state.engine, state.avatars)
+    app[PREPARE_JOBS] = _Jobs("avatar-prepare")
+    app[RENDER_JOBS] = _Jobs("animate")
+    app.add_routes(avatar_routes())
+    app.on_startup.append(_load_folder)
+    app.on_cleanup.append(_stop_jobs)
+
+
+def avatar_routes() -> list[web.RouteDef]:
+    return [
+        web.post("/v1/avatars", upload_avatar),
+        web.get("/v1/avatars", list_avatars),
+        web.get("/v1/avatars/{id}", get_avatar),
+        web.get("/v1/avatars/{id}/preview.png", avatar_preview),
+        web.delete("/v1/avatars/{id}", delete_avatar),
+        web.post("/v1/animate", animate),
+    ]
+
+
+async def _load_folder(app: web.Application) -> None:
+    """``--avatars DIR``: every usable photo becomes an avatar; bad ones are logged and
+    skipped, but a folder without a single usable photo stops the start (a typo in a path
+    should not go unnoticed)."""
+    folder = getattr(app[STATE].config, "avatars_dir", None)
+    if not folder:
+        return
+    path = Path(folder)
+    if not path.is_dir():
+        raise AvatarError(f"--avatars {folder}: not a folder")
+    photos = photos_in(path)
+    skipped = await app[PREPARE_JOBS].run(app[AVATAR_STORE].load_folder, path)
+    if len(skipped) == len(photos):
+        raise AvatarError(f"no usable photo in {folder}"
+                          + (f": {skipped}" if skipped else ""))
+
+
+async def _stop_jobs(app: web.Application) -> None:
+    for key in (PREPARE_JOBS, RENDER_JOBS):
+        app[key].pool.shutdown(wait=True, cancel_futures=True)
+
+
+# -- helpers ----------------------------------------------------------------------------------
+
+
+def _photo_error(exc: AvatarError) -> web.HTTPException:
+    reason = exc.reason if isinstance(exc, PhotoError) else "unusable"
+    return HTTPJSONError(PHOTO_STATUS.get(reason, 422), str(exc), reason)
+
+
+# -- avatars ----------------------------------------------------------------------------------
+
+
+async def upload_avatar(request: web.Request) -> web.Response:
+    require_server(request)
+    ctype = request.content_type
+    if ctype == "multipart/form-data":
+        form = await read_form(request, {"image": MAX_PHOTO_BYTES})
+        photo, name = form.get("image"), form_text(form, "id") or form_text(form, "name")
+        if photo is None:
+            raise HTTPJSONError(400, "send the photo in a form field named 'image'")
+    elif ctype.startswith(PHOTO_TYPES):
+        photo, name = await read_limited(request, MAX_PHOTO_BYTES, "photo"), \
+            request.query.get("id")
+    else:
+        raise HTTPJSONError(415, "send the photo as multipart/form-data (field 'image') or as "
+                            "an image/* body", "not_image")
+    store = request.app[AVATAR_STORE]
+    try:
+        avatar, created = await request.app[PREPARE_JOBS].run(store.prepare, photo, name)
+    except AvatarError as exc:
+        raise _photo_error(exc) from None
+    except AvatarConflict as exc:
+        raise HTTPJSONError(409, str(exc)) from None
+    except EngineError as exc:  # e.g. the GPU out of memory: nothing changed, try again
+        raise HTTPJSONError(503, str(exc), "engine_failed", **{"Retry-After": "10"}) from None
+    pool = request.app[STATE].pool
+    if pool is not None:  # every worker process makes sessions with it
+        await pool.add_avatar(avatar.id, photo, passed_on(request))
+    info = store.info(avatar.id) or avatar.info()
+    return web.json_response(info, status=201 if created else 200,
+                             headers={"Location": f"/v1/avatars/{avatar.id}"})
+
+
+async def list_avatars(request: web.Request) -> web.Response:
+    require_server(request)
+    return web.json_response({"avatars": request.app[AVATAR_STORE].list()})
+
+
+def _avatar_id(request: web.Request) -> str:
+    avatar_id = request.match_info["id"]
+    if avatar_id not in request.app[STATE].avatars:
+        raise HTTPJSONError(404, f"unknown avatar {avatar_id!r}")
+    return avatar_id
+
+
+async def get_avatar(request: web.Request) -> web.Response:
+    require_server(request)
+    avatar_id = _avatar_id(request)
+    info = request.app[AVATAR_STORE].info(avatar_id)
+    if info is None:
+        raise HTTPJSONError(404, f"unknown avatar {avatar_id!r}")
+    return web.json_response({**info, "preview": f"/v1/avatars/{avatar_id}/preview.png"})
+
+
+async def avatar_preview(request: web.Request) -> web.Response:
+    require_server(request, allow_query=True)  # an <img> cannot send a header
+    png = request.app[AVATAR_STORE].preview_png(_avatar_id(request))
+    if png is None:
+        raise HTTPJSONError(404, f"unknown avatar {request.match_info['id']!r}")
+    return web.Response(body=png, content_type="image/png",
+                        headers={"Cache-Control": "private, max-age=60"})
+
+
+async def delete_avatar(request: web.Request) -> web.Response:
+    require_server(request)
+    try:
+        removed = request.app[AVATAR_STORE].remove(_avatar_id(request))
+    except AvatarConflict as exc:
+        raise HTTPJSONError(409, str(exc)) from None
+    if not removed:
+        raise HTTPJSONError(404, f"unknown avatar {request.match_info['id']!r}")
+    pool = request.app[STATE].pool
+    if pool is not None:
+        await pool.remove_avatar(request.match_info["id"], passed_on(request))
+    return web.Response(status=204)
+
+
+# -- offline animation ------------------------------------------------------------------------
+
+
+async def animate(request: web.Request) -> web.Response:
+    """``POST /v1/animate``: the avatar speaking the audio, as one video file with sound."""
+    require_server(request)
+    form = await read_form(request, {"audio": MAX_AUDIO_BYTES, "image": MAX_PHOTO_BYTES})
+    audio = form.get("audio")
+    if not audio:
+        raise HTTPJSONError(400, "send the speech in a form field named 'audio'")
+    fmt = (form_text(form, "format") or "webm").lower()
+    if fmt not in FORMATS:
+        raise HTTPJSONError(400, f"format must be one of {', '.join(FORMATS)}")
+    store = request.app[AVATAR_STORE]
+    avatar: Avatar | None
+    if form.get("image"):
+        try:
+            avatar = await request.app[PREPARE_JOBS].run(_prepare_once, store, form["image"])
+        except AvatarError as exc:
+            raise _photo_error(exc) from None
+    else:
+        avatar_id = form_text(form, "avatar") or DEFAULT_ID
+        avatar = request.app[STATE].avatars.get(avatar_id)
+        if avatar is None:
+            raise HTTPJSONError(404, f"unknown avatar {avatar_id!r}")
+    try:
+        clip = await request.app[RENDER_JOBS].run(_render, store, avatar, audio, fmt)
+    except SpeechError as exc:
+        raise speech_error(exc) from None
+    media = "video/webm" if fmt == "webm" else "video/mp4"
+    return web.Response(body=clip, content_type=media, headers={
+        "Content-Disposition": f'inline; filename="{avatar.id}.{fmt}"'})
+
+
+def _prepare_once(store: AvatarStore, photo: bytes) -> Avatar:
+    """A photo for one clip: checked and prepared like an upload (and cached the same way)
+    but not added to the store."""
+    from avatar_stream.avatars.facerig import get_rigger
+    from avatar_stream.avatars.photo import crop_to_face, load_image
+
+    image = load_image(photo)
+    return store.engine.prepare(crop_to_face(image, get_rigger().rig(image)), "upload")
+
+
+def _render(store: AvatarStore, avatar: Avatar, audio: bytes, fmt: str) -> bytes:
+    speech, rate = load_speech(audio)
+    if len(speech) > MAX_ANIMATE_SPEECH_S * rate:
+        raise SpeechError("too_large", f"speech longer than {MAX_ANIMATE_SPEECH_S:.0f} s")
+    out = io.BytesIO()
+    render_clip(store.engine, avatar, speech, rate, out, fmt)
+    return out.getvalue()

@@ -1,0 +1,80 @@
+"""Reading request bodies with a size limit: raw, JSON objects and multipart forms, each
+refused with the right status (413, 415, 400) before more than the limit is read."""
+
+from __future__ import annotations
+
+import json
+from typing import Any
+
+from aiohttp import BodyPartReader, web
+
+from avatar_stream.transports.http.errors import HTTPJSONError
+
+MAX_JSON_BYTES = 64 * 1024  # say, end, and other small JSON bodies
+CHUNK = 64 * 1024
+FORM_TEXT_BYTES = 4096  # a form's small text fields (a name, a format)
+
+
+def _size(limit: int) -> str:
+    return f"{limit // (1024 * 1024)} MB" if limit >= 1024 * 1024 else f"{limit} bytes"
+
+
+async def read_limited(source: web.Request | BodyPartReader, limit: int, what: str = "body"
+                       ) -> bytes:
+    """A request body or one multipart part; 413 past ``limit`` bytes (chunked uploads
+    included)."""
+    if isinstance(source, web.Request) and source.content_length is not None \
+            and source.content_length > limit:
+        raise HTTPJSONError(413, f"{what} of {source.content_length} bytes; at most "
+                                 f"{_size(limit)}", "too_large")
+    chunks: list[bytes] = []
+    size = 0
+    while True:
+        chunk = await (source.read_chunk(CHUNK) if isinstance(source, BodyPartReader)
+                       else source.content.read(CHUNK))
+        if not chunk:
+            return b"".join(chunks)
+        size += len(chunk)
+        if size > limit:
+            raise HTTPJSONError(413, f"{what} over {_size(limit)}", "too_large")
+        chunks.append(chunk)
+
+
+async def read_json_object(request: web.Request, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
+    if request.content_type != "application/json":
+        raise HTTPJSONError(415, "send application/json")
+    body = await read_limited(request, limit)
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise HTTPJSONError(400, f"malformed JSON: {exc}") from exc
+    if not isinstance(data, dict):
+        raise HTTPJSONError(400, "expected a JSON object")
+    return data
+
+
+async def read_form(request: web.Request, files: dict[str, int]) -> dict[str, bytes]:
+    """multipart/form-data fields: files by name with their byte limits, small text fields
+    for everything else."""
+    if request.content_type != "multipart/form-data":
+        raise HTTPJSONError(415, "send multipart/form-data")
+    read_limit = sum(files.values()) + (1 << 20)
+    if request.content_length is not None and request.content_length > read_limit:
+        raise HTTPJSONError(413, f"body of {request.content_length} bytes is too large",
+                            "too_large")
+    reader = await request.multipart()
+    out: dict[str, bytes] = {}
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader) or not part.name:
+            continue
+        limit = files.get(part.name, FORM_TEXT_BYTES)
+        out[part.name] = await read_limited(part, limit, f"field {part.name!r}")
+    return out
+
+
+def form_text(form: dict[str, bytes], name: str) -> str | None:
+    """A small text field, None when absent or blank."""
+    value = form.get(name)
+    if value is None:
+        return None
+    return value.decode("utf-8", "replace").strip() or None

@@ -1,0 +1,48 @@
+"""HTTP error answers: one JSON shape, ``{"error": message}`` with a ``reason`` where the
+client can act on it, raised from anywhere in a handler."""
+
+from __future__ import annotations
+
+import json
+
+from aiohttp import web
+
+from avatar_stream.errors import SpeechError, kind_of
+from avatar_stream.transports.http.auth import AuthError, retry_after
+
+BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="avatar-stream"'}
+
+
+def error_body(message: str, reason: str | None = None) -> dict[str, str]:
+    body = {"error": message}
+    if reason:
+        body["reason"] = reason
+    return body
+
+
+class HTTPJSONError(web.HTTPException):
+    """An error answered as JSON with any status; ``kind`` labels it in the metrics."""
+
+    def __init__(self, status: int, message: str, reason: str | None = None,
+                 kind: str | None = None, **headers: str) -> None:
+        self.status_code = status
+        self.kind = kind or reason or kind_of(status)
+        super().__init__(text=json.dumps(error_body(message, reason)),
+                         content_type="application/json", headers=headers or None)
+
+
+def json_error(status: int, message: str, reason: str | None = None, **headers: str
+               ) -> web.Response:
+    """The same answer, returned instead of raised."""
+    return web.json_response(error_body(message, reason), status=status,
+                             headers=headers or None)
+
+
+def auth_error(exc: AuthError) -> HTTPJSONError:
+    headers = BEARER_CHALLENGE if exc.status == 401 else {}
+    return HTTPJSONError(exc.status, exc.message, **headers)
+
+
+def speech_error(exc: SpeechError) -> HTTPJSONError:
+    headers = {"Retry-After": retry_after(exc.retry_after)} if exc.retry_after else {}
+    return HTTPJSONError(exc.status, exc.message, kind=exc.kind, **headers)

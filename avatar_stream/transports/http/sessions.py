@@ -1,0 +1,188 @@
+"""Session routes: create (JSON or WHEP-style SDP offers), list, inspect, interrupt and
+end sessions; and the access checks every session or server-wide call makes."""
+
+from __future__ import annotations
+
+import json
+import logging
+from dataclasses import replace
+from typing import Any
+
+from aiohttp import web
+
+from avatar_stream.avatars.store import DEFAULT_ID
+from avatar_stream.core.session import OfferError, Session
+from avatar_stream.scale.routing import FORWARDED, owned_id
+from avatar_stream.transports.http.auth import (
+    AuthError,
+    Credentials,
+    client_ip,
+    passed_on,
+    retry_after,
+)
+from avatar_stream.transports.http.body import read_limited
+from avatar_stream.transports.http.errors import HTTPJSONError, auth_error, json_error
+from avatar_stream.transports.http.state import STATE, ServerState
+from avatar_stream.transports.webrtc.turn import session_ice_servers
+
+log = logging.getLogger(__name__)
+MAX_OFFER_BYTES = 256 * 1024
+
+
+def require_server(request: web.Request, allow_query: bool = False) -> None:
+    """Server-wide calls (creating sessions, avatars, listing): the API key, when one is
+    set (``allow_query``: also as ``?token=``, for what a browser cannot add a header to)."""
+    try:
+        request.app[STATE].guard.server(Credentials.of(request, allow_query))
+    except AuthError as exc:
+        raise auth_error(exc) from None
+
+
+def session_for(request: web.Request, allow_query_token: bool = False, touch: bool = True
+             ) -> Session:
+    """The session named in the path, if the caller may use it (401/403), else 404/410.
+
+    ``touch``: the call counts as activity for the idle timeout (reading stats does not,
+    so a monitor polling a session does not keep it alive)."""
+    state = request.app[STATE]
+    sid = request.match_info["id"]
+    try:
+        state.guard.session(Credentials.of(request, allow_query_token), sid)
+    except AuthError as exc:
+        raise auth_error(exc) from None
+    session = state.sessions.get(sid)
+    if session is None or session.closing:
+        reason = state.ended.get(sid) or (session.end_reason if session else None)
+        if reason is not None:
+            raise HTTPJSONError(410, f"session {sid!r} has ended ({reason})")
+        raise HTTPJSONError(404, f"unknown session {sid!r}")
+    if touch:
+        session.touch()
+    return session
+
+
+# -- sessions --------------------------------------------------------------------------
+
+
+async def _read_offer(request: web.Request) -> tuple[str, str | None, bool]:
+    """Returns (sdp, avatar id, whether the client speaks WHEP-style application/sdp)."""
+    ctype = request.content_type
+    raw = await read_limited(request, MAX_OFFER_BYTES)
+    try:
+        body = raw.decode(request.charset or "utf-8")
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise HTTPJSONError(400, f"the offer is not valid text: {exc}") from exc
+    if ctype == "application/sdp":
+        return body, request.query.get("avatar"), True
+    if ctype != "application/json":
+        raise HTTPJSONError(415, "send the offer as application/json or application/sdp")
+    try:
+        data = json.loads(body)
+    except ValueError as exc:
+        raise HTTPJSONError(400, f"malformed JSON: {exc}") from exc
+    if not isinstance(data, dict) or not isinstance(data.get("sdp"), str):
+        raise HTTPJSONError(400, 'expected {"type": "offer", "sdp": "..."}')
+    if data.get("type", "offer") != "offer":
+        raise HTTPJSONError(400, "type must be 'offer'")
+    avatar = data.get("avatar")
+    if avatar is not None and not isinstance(avatar, str):
+        raise HTTPJSONError(400, "avatar must be an avatar id (a string)")
+    return data["sdp"], avatar, False
+
+
+async def create_session(request: web.Request) -> web.StreamResponse:
+    state = request.app[STATE]
+    require_server(request)
+    wait = state.creations.hit(client_ip(request, state.config.trust_forwarded_for))
+    if wait:
+        return json_error(
+            429, f"too many sessions created from this address (at most "
+            f"{state.config.sessions_per_ip_per_minute} a minute)",
+            **{"Retry-After": retry_after(wait)},
+        )
+    if state.pool is not None:  # a worker makes the session (workers.py)
+        response = await state.pool.create_session(request)
+        if response is not None:
+            return response
+        state.metrics.refused.inc()
+        return json_error(
+            503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
+        )
+    sdp, avatar_id, whep = await _read_offer(request)
+    if not sdp.lstrip().startswith("v=0"):
+        return json_error(400, "invalid SDP offer: it must start with 'v=0'")
+    avatar = state.avatars.get(avatar_id or DEFAULT_ID)
+    if avatar is None:
+        return json_error(404, f"unknown avatar {avatar_id!r}")
+    if not state.has_capacity:
+        if request.headers.get(FORWARDED) != "front":  # the front tries another worker
+            state.metrics.refused.inc()
+        return json_error(
+            503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
+        )
+    ice_servers = session_ice_servers(state.config)  # fresh TURN credentials
+    session = Session(
+        state.engine, avatar, state.worker, replace(state.config, ice_servers=ice_servers),
+        on_closed=_forget(state),
+        metrics=state.metrics,
+    )
+    session.id = owned_id(state.config, session.id)  # names this replica (routing.py)
+    state.sessions[session.id] = session
+    try:
+        answer = await session.accept(sdp)
+    except OfferError as exc:
+        return json_error(400, str(exc))
+    location = f"/v1/sessions/{session.id}"
+    token, expires = state.guard.tokens.issue(session.id, state.token_ttl_s)
+    if whep:
+        return web.Response(
+            status=201,
+            text=answer,
+            content_type="application/sdp",
+            headers={"Location": location, "X-Session-Token": token},
+        )
+    return web.json_response(
+        {
+            "session_id": session.id,
+            "type": "answer",
+            "sdp": answer,
+            "avatar": avatar.info(),
+            "ice_servers": [s.to_json() for s in ice_servers],
+            "token": token,
+            "token_expires_at": expires,
+        },
+        status=201,
+        headers={"Location": location},
+    )
+
+
+def _forget(state: ServerState) -> Any:
+    def on_closed(session: Session) -> None:
+        state.sessions.pop(session.id, None)
+        state.ended[session.id] = session.end_reason or "closed"
+        while len(state.ended) > 1000:
+            state.ended.popitem(last=False)
+
+    return on_closed
+
+
+async def list_sessions(request: web.Request) -> web.Response:
+    require_server(request)
+    state = request.app[STATE]
+    if state.pool is not None:
+        return web.json_response(await state.pool.sessions(passed_on(request)))
+    return web.json_response([s.stats() for s in state.sessions.values()])
+
+
+async def get_session(request: web.Request) -> web.Response:
+    return web.json_response(session_for(request, touch=False).stats())
+
+
+async def delete_session(request: web.Request) -> web.Response:
+    await session_for(request).close("deleted by client")
+    return web.Response(status=204)
+
+
+async def interrupt_session(request: web.Request) -> web.Response:
+    cut = session_for(request).interrupt()
+    return web.json_response({"interrupted": cut})
