@@ -105,3 +105,32 @@ def test_every_module_imports_on_its_own() -> None:
                           timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
     assert done.stdout.strip() == "", done.stdout
+
+
+def test_the_core_needs_no_transport() -> None:
+    """The session core runs without aiortc or aiohttp: a transport is added to it, never
+    built into it (lazy imports inside functions included: the graph walk counts them)."""
+    known = modules()
+    graph = {name: imports_of(name, path, known) for name, path in known.items()}
+    seen: set[str] = set()
+    todo = [m for m in known if m.startswith("avatar_stream.core")]
+    while todo:
+        m = todo.pop()
+        if m not in seen:
+            seen.add(m)
+            todo += graph[m]
+    assert not [m for m in seen if m.startswith(("avatar_stream.transports",
+                                                 "avatar_stream.client"))], sorted(seen)
+    code = ("import sys; import avatar_stream.core.session, avatar_stream.core.synchronizer; "
+            "print(sorted(m for m in ('aiortc', 'aiohttp', 'aioice') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "[]", out.stdout
+
+
+def test_the_public_api_resolves_lazily() -> None:
+    code = ("import sys, avatar_stream as a; heavy = 'aiortc' in sys.modules; "
+            "print(heavy, all(getattr(a, n) is not None for n in a.__all__))")
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.split() == ["False", "True"], out.stdout + out.stderr

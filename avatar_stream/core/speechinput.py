@@ -6,6 +6,7 @@ per utterance (flushed at its end), the queue's bound, and the utterance's state
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import itertools
 import math
 import time
@@ -16,6 +17,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from avatar_stream.audio.decode import Pcm
+from avatar_stream.audio.gate import LiveSpeechGate
 from avatar_stream.audio.resample import Resampler
 from avatar_stream.core.speechqueue import SpeechQueue, SpeechQueueFull
 from avatar_stream.errors import SpeechError
@@ -44,7 +46,8 @@ class _Utterance:
 
 
 class SpeechInput:
-    """A session's pushed speech: utterance ids, one resampler per utterance, and ends.
+    """A session's speech in: pushed utterances (ids, one resampler per utterance, ends)
+    and the microphone (``listen``: the live gate makes its utterances).
 
     An utterance stays open (the avatar waits for more of it rather than going idle in
     the middle of a sentence) until its ``end`` comes, or until no audio has come for
@@ -69,6 +72,7 @@ class SpeechInput:
         self._closed: OrderedDict[str, str] = OrderedDict()  # id -> "ended" | "interrupted"
         self._ids = itertools.count(1)
         self._lock = asyncio.Lock()  # keeps a session's decoded pushes in arrival order
+        self.gate = LiveSpeechGate()
 
     def new_id(self) -> str:
         return f"utt-{next(self._ids)}"
@@ -119,8 +123,22 @@ class SpeechInput:
         self.on_queued()
         return True
 
+    def listen(self, pcm: np.ndarray) -> None:
+        """Microphone audio, 16 kHz mono as it comes: the live gate cuts it into utterances.
+        A piece that does not fit the bounded queue is dropped (the microphone outran it);
+        the next may fit."""
+        for utterance, samples in self.gate.feed(pcm, self.queue.seconds):
+            self.on_queued()
+            if samples is None:
+                self.queue.end(utterance)
+                continue
+            with contextlib.suppress(SpeechQueueFull):
+                self.queue.push(samples, utterance)
+
     def interrupt(self) -> None:
-        """Barge-in: every open utterance is cut; audio still arriving for it is refused."""
+        """Barge-in: every open utterance is cut; audio still arriving for it is refused,
+        and the microphone's current utterance is dropped until the speaker pauses."""
+        self.gate.cancel()
         for uid in list(self._open):
             self._finish(uid, "interrupted")
 

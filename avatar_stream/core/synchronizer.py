@@ -6,9 +6,9 @@ Two tasks share one media clock:
   speech those frames are made from, and pairs each frame with its 40 ms of audio. It
   makes idle frames only just before they are due, so speech that arrives is never queued
   behind idle frames it could have replaced;
-- the pacer wakes every 20 ms on the clock and hands the tracks what is due: on even ticks
-  a video frame and the first 20 ms of its audio, on odd ticks the second 20 ms. A frame
-  and its audio therefore leave together, and both tracks carry timestamps of one clock.
+- the pacer wakes every 20 ms on the clock and hands the media sink what is due: on even
+  ticks a video frame and the first 20 ms of its audio, on odd ticks the second 20 ms. A
+  frame and its audio therefore leave together, numbered on one clock.
 
 Speech is never skipped: when a frame is late the clock slips instead, and the next
 utterance starts with that much more speech held back (a playout delay that adapts to how
@@ -21,32 +21,27 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import fractions
 import logging
 import math
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import Any
 
-import av
-import cv2
 import numpy as np
 
 from avatar_stream.audio.resample import Resampler, float_to_s16
 from avatar_stream.core.clock import MediaClock
+from avatar_stream.core.sink import MediaSink
 from avatar_stream.core.speechqueue import Segment, SpeechQueue, split_segments
 from avatar_stream.core.worker import EngineWorker
 from avatar_stream.engines.base import EngineStream
-from avatar_stream.media import FPS, FRAME_SIZE, OUT_RATE, SAMPLE_RATE, SAMPLES_PER_FRAME, Event
-from avatar_stream.transports.webrtc.tracks import PacedTrack
+from avatar_stream.media import FPS, OUT_RATE, SAMPLE_RATE, SAMPLES_PER_FRAME, Event
 
 log = logging.getLogger(__name__)
 
 OUT_SAMPLES_PER_FRAME = OUT_RATE // FPS  # 1920: two 20 ms audio frames per video frame
 OUT_HALF = OUT_SAMPLES_PER_FRAME // 2
-VIDEO_TIME_BASE = fractions.Fraction(1, 90_000)
-VIDEO_PTS_PER_FRAME = 90_000 // FPS  # 3600
-AUDIO_TIME_BASE = fractions.Fraction(1, OUT_RATE)
 FADE_OUT = OUT_RATE * 5 // 1000  # barge-in fade: 5 ms
 # live speech held back at an utterance's start, so that its later frames are made before
 # their deadlines despite arrival and scheduling jitter; grows by what a late speech
@@ -64,7 +59,7 @@ RESERVE_DECAY = 0.75
 class OutputFrame:
     """A frame ready to go, with the audio it was made from (48 kHz s16)."""
 
-    video: av.VideoFrame  # yuv420p, stamped when released
+    video: Any  # the sink's frame (MediaSink.video_frame)
     audio: np.ndarray  # (1920,) int16
     segments: list[Segment] = field(default_factory=list)
 
@@ -88,18 +83,13 @@ class SyncStats:
     audio_encoder_drops: int = 0
 
 
-def rgb_to_i420(rgb: np.ndarray) -> np.ndarray:
-    return cv2.cvtColor(rgb, cv2.COLOR_RGB2YUV_I420)
-
-
 class Synchronizer:
     def __init__(
         self,
         stream: EngineStream,
         worker: EngineWorker,
         speech: SpeechQueue,
-        video: PacedTrack,
-        audio: PacedTrack,
+        sink: MediaSink[Any],
         emit: Callable[[Event], None],
         *,
         lead_frames: int = 2,
@@ -109,8 +99,7 @@ class Synchronizer:
         self.stream = stream
         self.worker = worker
         self.speech = speech
-        self.video = video
-        self.audio = audio
+        self.sink = sink
         self.emit = emit
         self.on_step = on_step
         self.frames_per_step = stream.frames_per_step
@@ -122,7 +111,7 @@ class Synchronizer:
         self._out: deque[OutputFrame] = deque()
         self._released = 0  # video frames released so far = index of the next one
         self._pending_half: np.ndarray | None = None  # second 20 ms of the current frame
-        self._last_video: av.VideoFrame | None = None
+        self._last_video: Any = None
         self._upsampler = Resampler(OUT_RATE)
         self._audio_fifo = np.zeros(0, dtype=np.float32)
         self._epoch = 0
@@ -297,10 +286,10 @@ class Synchronizer:
             self._out.append(OutputFrame(video, float_to_s16(chunk), per_frame[i]))
         self._produced.set()
 
-    def _render(self, speech: np.ndarray | None) -> list[av.VideoFrame]:
-        """Worker thread: one engine step, converted to what the encoder wants (the copies
-        into frames hold the GIL: better here than on the event loop)."""
-        return [_i420_frame(rgb_to_i420(f)) for f in self.stream.step(speech)]
+    def _render(self, speech: np.ndarray | None) -> list[Any]:
+        """Worker thread: one engine step, converted to the sink's frames (the copies hold
+        the GIL: better here than on the event loop)."""
+        return [self.sink.video_frame(f) for f in self.stream.step(speech)]
 
     def _to_out_rate(self, pcm16k: np.ndarray, frames: int) -> np.ndarray:
         """16 kHz -> 48 kHz, streaming, exactly 1920 samples per frame out."""
@@ -336,16 +325,13 @@ class Synchronizer:
         self._wake_producer.set()
         if item is None:  # nothing came in time: show the last picture again, silent
             self.stats.fillers += 1
-            yuv = self._last_video.to_ndarray() if self._last_video else _black_i420()
-            item = OutputFrame(_i420_frame(yuv), np.zeros(OUT_SAMPLES_PER_FRAME, np.int16))
+            item = OutputFrame(self.sink.repeat(self._last_video),
+                               np.zeros(OUT_SAMPLES_PER_FRAME, np.int16))
         k = self._released
         self._released += 1
-        frame = item.video
-        frame.pts = k * VIDEO_PTS_PER_FRAME
-        frame.time_base = VIDEO_TIME_BASE
-        self.video.put(frame)
-        self.stats.video_encoder_drops = self.video.dropped
-        self._last_video = frame
+        self.sink.send_video(item.video, k)
+        self.stats.video_encoder_drops = self.sink.dropped[0]
+        self._last_video = item.video
         self.stats.frames_sent += 1
         self._send_audio(item.audio[:OUT_HALF], 2 * k)
         self._pending_half = item.audio[OUT_HALF:]
@@ -379,12 +365,8 @@ class Synchronizer:
         return item
 
     def _send_audio(self, samples: np.ndarray, tick: int) -> None:
-        frame = av.AudioFrame.from_ndarray(samples.reshape(1, -1), format="s16", layout="mono")
-        frame.sample_rate = OUT_RATE
-        frame.pts = tick * OUT_HALF
-        frame.time_base = AUDIO_TIME_BASE
-        self.audio.put(frame)
-        self.stats.audio_encoder_drops = self.audio.dropped
+        self.sink.send_audio(samples, tick * OUT_HALF)
+        self.stats.audio_encoder_drops = self.sink.dropped[1]
 
     def _playout_events(self, segments: list[Segment]) -> None:
         for s in segments:
@@ -426,13 +408,3 @@ class RoundTrip:
     @property
     def lead(self) -> float:
         return self.mean + 4 * self.dev
-
-
-def _i420_frame(yuv: np.ndarray) -> av.VideoFrame:
-    return av.VideoFrame.from_ndarray(yuv, format="yuv420p")
-
-
-def _black_i420() -> np.ndarray:
-    yuv = np.full((FRAME_SIZE * 3 // 2, FRAME_SIZE), 128, np.uint8)
-    yuv[:FRAME_SIZE] = 16
-    return yuv

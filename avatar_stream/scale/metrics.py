@@ -110,7 +110,8 @@ class _SessionCollector(Collector):
         )
         for s in sessions:
             queue.add_metric([s.id], s.speech.seconds)
-            skew.add_metric([s.id], s.video.last_wait_s - s.audio.last_wait_s)
+            if s.transport is not None:
+                skew.add_metric([s.id], s.transport.av_skew_s)
             if s.sync:
                 reserve.add_metric([s.id], s.sync.reserve_s)
         yield queue

@@ -119,7 +119,8 @@ async def test_sessions_are_freed_on_delete_and_on_peer_close(server) -> None:
     assert await until(lambda: sid not in state.sessions, 40), "session not freed"
     assert session.closed.is_set()
     assert all(t.done() for t in session._tasks)
-    assert session.video.readyState == "ended" and session.audio.readyState == "ended"
+    peer = session.transport
+    assert peer.video.readyState == "ended" and peer.audio.readyState == "ended"
 
 
 async def test_server_shutdown_ends_every_session() -> None:
@@ -130,7 +131,7 @@ async def test_server_shutdown_ends_every_session() -> None:
         session = state.sessions[client.session_id]
     # the server is gone: its sessions were closed on the way out
     assert session.closed.is_set() and not state.sessions
-    assert session.pc.connectionState == "closed"
+    assert session.transport.pc.connectionState == "closed"
     assert all(t.done() for t in session._tasks)
     await client.close()
 
@@ -142,8 +143,8 @@ async def test_a_sending_stall_delays_speech_but_cuts_none_of_it(server) -> None
     url, state = server
     async with AvatarClient(url) as client:
         session = state.sessions[client.session_id]
-        assert session.audio.opus is not None  # Opus negotiated: the track encodes
-        take = session.audio.recv
+        assert session.transport.audio.opus is not None  # Opus negotiated: the track encodes
+        take = session.transport.audio.recv
         calls = 0
 
         async def stalling_recv() -> av.Packet | av.frame.Frame:
@@ -153,7 +154,7 @@ async def test_a_sending_stall_delays_speech_but_cuts_none_of_it(server) -> None
                 await asyncio.sleep(0.2)
             return await take()
 
-        session.audio.recv = stalling_recv  # type: ignore[method-assign]
+        session.transport.audio.recv = stalling_recv  # type: ignore[method-assign]
         rec = client.received
         n = len(rec.audio_pts)
         client.mic.play(sustained_voice(3.0))
@@ -162,5 +163,5 @@ async def test_a_sending_stall_delays_speech_but_cuts_none_of_it(server) -> None
         await asyncio.sleep(0.3)
         pts = np.diff(rec.audio_pts[n:])
     assert calls > 60  # the stall happened while this session spoke
-    assert session.audio.dropped == 0
+    assert session.transport.audio.dropped == 0
     assert set(pts.tolist()) == {960}, sorted(set(pts.tolist()))  # every 20 ms arrived

@@ -11,13 +11,12 @@ from avatar_stream.core.speechqueue import SpeechQueue
 from avatar_stream.core.synchronizer import (
     OUT_HALF,
     RESERVE_DECAY,
-    VIDEO_PTS_PER_FRAME,
     RoundTrip,
     Synchronizer,
 )
 from avatar_stream.core.worker import EngineWorker
 from avatar_stream.engines.base import FRAME_SIZE, SAMPLES_PER_FRAME, EngineStream
-from avatar_stream.transports.webrtc.tracks import PacedTrack
+from avatar_stream.transports.webrtc.tracks import VIDEO_PTS_PER_FRAME, PacedTrack, TrackSink
 
 
 class LoudnessStream(EngineStream):
@@ -62,10 +61,10 @@ def worker():
 def make(worker, frames_per_step=1, reset_s=0.0, late_wait_s=0.06):
     events: list[dict] = []
     speech = SpeechQueue()
-    video, audio = PacedTrack("video", 8), PacedTrack("audio", 16)
-    sync = Synchronizer(LoudnessStream(frames_per_step, reset_s), worker, speech, video,
-                        audio, events.append, late_wait_s=late_wait_s)
-    return sync, speech, video, audio, events
+    sink = TrackSink(video_queue=8, audio_queue=16)
+    sync = Synchronizer(LoudnessStream(frames_per_step, reset_s), worker, speech, sink,
+                        events.append, late_wait_s=late_wait_s)
+    return sync, speech, sink.video, sink.audio, events
 
 
 @pytest.mark.parametrize("frames_per_step", [1, 4])
@@ -179,3 +178,44 @@ async def test_a_late_speech_frame_holds_back_the_next_utterance(worker) -> None
     await sync.stop()
     # it shrinks at each onset
     assert sync.reserve_s == pytest.approx(RESERVE_DECAY * reserve, abs=0.01)
+
+
+class ArraySink:
+    """A media sink of plain arrays, as a framework transport would have: no WebRTC."""
+
+    def __init__(self) -> None:
+        self.video: list[tuple[int, np.ndarray]] = []
+        self.audio: list[tuple[int, np.ndarray]] = []
+
+    def video_frame(self, rgb: np.ndarray) -> np.ndarray:
+        return rgb.copy()
+
+    def repeat(self, frame: np.ndarray | None) -> np.ndarray:
+        return frame if frame is not None else np.zeros((FRAME_SIZE, FRAME_SIZE, 3), np.uint8)
+
+    def send_video(self, frame: np.ndarray, index: int) -> None:
+        self.video.append((index, frame))
+
+    def send_audio(self, samples: np.ndarray, start: int) -> None:
+        self.audio.append((start, samples))
+
+    @property
+    def dropped(self) -> tuple[int, int]:
+        return 0, 0
+
+
+async def test_any_media_sink_gets_frames_and_audio_on_one_clock(worker) -> None:
+    speech, events, sink = SpeechQueue(), [], ArraySink()
+    sync = Synchronizer(LoudnessStream(), worker, speech, sink, events.append)
+    speech.push(np.full(SAMPLES_PER_FRAME * 5, 0.5, np.float32), "u1")
+    speech.end("u1")
+    sync.start()
+    while len(sink.video) < 10:
+        await asyncio.sleep(0.04)
+    await sync.stop()
+    assert [i for i, _ in sink.video] == list(range(len(sink.video)))
+    assert [s for s, _ in sink.audio] == [n * OUT_HALF for n in range(len(sink.audio))]
+    assert all(len(a) == OUT_HALF and a.dtype == np.int16 for _, a in sink.audio)
+    loud = [i for i, f in sink.video if f[100, 100, 0] > 100]
+    assert loud == [0, 1, 2, 3, 4], loud  # the five speech frames first, then idle
+    assert [e["type"] for e in events] == ["speech.started", "speech.finished"]

@@ -11,7 +11,7 @@ from typing import Any
 from aiohttp import web
 
 from avatar_stream.avatars.store import DEFAULT_ID
-from avatar_stream.core.session import OfferError, Session
+from avatar_stream.core.session import Session
 from avatar_stream.scale.routing import FORWARDED, owned_id
 from avatar_stream.transports.http.auth import (
     AuthError,
@@ -23,6 +23,7 @@ from avatar_stream.transports.http.auth import (
 from avatar_stream.transports.http.body import read_limited
 from avatar_stream.transports.http.errors import HTTPJSONError, auth_error, json_error
 from avatar_stream.transports.http.state import STATE, ServerState
+from avatar_stream.transports.webrtc.peer import OfferError, WebRTCPeer
 from avatar_stream.transports.webrtc.turn import session_ice_servers
 
 log = logging.getLogger(__name__)
@@ -129,7 +130,7 @@ async def create_session(request: web.Request) -> web.StreamResponse:
     session.id = owned_id(state.config, session.id)  # names this replica (routing.py)
     state.sessions[session.id] = session
     try:
-        answer = await session.accept(sdp)
+        answer = await WebRTCPeer(session).accept(sdp)
     except OfferError as exc:
         return json_error(400, str(exc))
     location = f"/v1/sessions/{session.id}"

@@ -14,7 +14,6 @@ from speechtools import until
 
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.config import ServerConfig
-from avatar_stream.core.synchronizer import rgb_to_i420
 from avatar_stream.transports.http.app import running_server
 from avatar_stream.transports.webrtc.encoders import (
     MAX_BITRATE,
@@ -23,6 +22,7 @@ from avatar_stream.transports.webrtc.encoders import (
     CappedBitrate,
     OpusPacketEncoder,
 )
+from avatar_stream.transports.webrtc.tracks import rgb_to_i420
 
 
 def moving_face(i: int) -> np.ndarray:
@@ -114,7 +114,7 @@ async def test_a_session_sends_with_the_avatar_encoders(
         assert await until(lambda: len(client.received.video_t) >= 25, 10)  # decoded
         assert await until(lambda: len(client.received.audio_t) >= 50, 10)
         session = state.sessions[client.session_id]
-        (video,) = [t for t in session.pc.getTransceivers() if t.kind == "video"]
+        (video,) = [t for t in session.transport.pc.getTransceivers() if t.kind == "video"]
         encoder = video.sender._RTCRtpSender__encoder
         assert isinstance(encoder, expected)
         # retransmissions go out as the RTX that the offer paired with the chosen codec
@@ -123,7 +123,7 @@ async def test_a_session_sends_with_the_avatar_encoders(
                   and c.parameters["apt"] == codecs[0].payloadType]
         assert video.sender._RTCRtpSender__rtx_payload_type == rtx.payloadType
         assert encoder.codec is not None and encoder.codec.bit_rate <= MAX_BITRATE
-        assert isinstance(session.audio.opus, OpusPacketEncoder)
+        assert isinstance(session.transport.audio.opus, OpusPacketEncoder)
         assert isinstance(client.mic.opus, OpusPacketEncoder)  # the client's microphone too
 
 
