@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import math
 import sys
 from collections.abc import Iterable
@@ -28,8 +27,6 @@ from avatar_stream.avatars.facerig import (
 )
 from avatar_stream.avatars.photo import load_image
 from avatar_stream.engines.base import AvatarError
-
-log = logging.getLogger(__name__)
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
 

@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import logging
 import math
 from collections import deque
 from collections.abc import Callable
@@ -37,8 +36,6 @@ from avatar_stream.core.speechqueue import Segment, SpeechQueue, split_segments
 from avatar_stream.core.worker import EngineWorker
 from avatar_stream.engines.base import EngineStream
 from avatar_stream.media import FPS, OUT_RATE, SAMPLE_RATE, SAMPLES_PER_FRAME, Event
-
-log = logging.getLogger(__name__)
 
 OUT_SAMPLES_PER_FRAME = OUT_RATE // FPS  # 1920: two 20 ms audio frames per video frame
 OUT_HALF = OUT_SAMPLES_PER_FRAME // 2

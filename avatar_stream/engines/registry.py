@@ -1,21 +1,15 @@
-"""Engines behind one interface (``base.py``); each engine in its own module, imported lazily."""
+"""The one list of engines: their names, which of them run on the CPU (their sessions
+scale with worker processes), and loading one by name; each engine is imported only when
+chosen (torch and upstream only for ``flashhead``)."""
 
 from __future__ import annotations
 
 from typing import Any
 
-from avatar_stream.engines.base import (
-    FPS,
-    FRAME_SIZE,
-    SAMPLE_RATE,
-    SAMPLES_PER_FRAME,
-    Avatar,
-    AvatarError,
-    Engine,
-    EngineStream,
-)
+from avatar_stream.engines.base import Engine
 
 ENGINES = ("warp", "still", "flashhead")
+CPU_ENGINES = ("warp", "still")
 
 
 def create_engine(name: str, **options: Any) -> Engine:
@@ -33,17 +27,3 @@ def create_engine(name: str, **options: Any) -> Engine:
 
         return FlashHeadEngine(**options)
     raise ValueError(f"unknown engine {name!r}; choose from {', '.join(ENGINES)}")
-
-
-__all__ = [
-    "ENGINES",
-    "FPS",
-    "FRAME_SIZE",
-    "SAMPLE_RATE",
-    "SAMPLES_PER_FRAME",
-    "Avatar",
-    "AvatarError",
-    "Engine",
-    "EngineStream",
-    "create_engine",
-]

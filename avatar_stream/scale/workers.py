@@ -36,11 +36,11 @@ from prometheus_client.registry import CollectorRegistry
 from prometheus_client.samples import Sample
 
 from avatar_stream.config import ServerConfig
+from avatar_stream.engines.registry import CPU_ENGINES
 from avatar_stream.scale.routing import FORWARDED, forward
 
 log = logging.getLogger(__name__)
 
-CPU_ENGINES = ("warp", "still")  # engines whose sessions scale with processes
 START_TIMEOUT_S = 180.0  # a worker loads the engine and every avatar before it answers
 RESTART_DELAY_S = 1.0
 _QUERY_TIMEOUT = aiohttp.ClientTimeout(total=10)

@@ -10,8 +10,9 @@ from dataclasses import replace
 from avatar_stream.config import IceServer, ServerConfig
 from avatar_stream.engines.flashhead.config import add_cli_options as add_flashhead_options
 from avatar_stream.engines.flashhead.config import engine_options
+from avatar_stream.engines.registry import CPU_ENGINES, ENGINES
 from avatar_stream.scale.routing import add_cli_options as add_replica_options
-from avatar_stream.scale.workers import CPU_ENGINES, default_workers
+from avatar_stream.scale.workers import default_workers
 from avatar_stream.tools.serve_options import add_cli_options as add_speech_options
 from avatar_stream.tools.serve_options import config_options as speech_options
 from avatar_stream.transports.webrtc.ice import parse_addresses
@@ -22,7 +23,8 @@ def _add_serve(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("serve", help="run the avatar server")
     p.add_argument("--host", default="127.0.0.1", help="address to listen on (default 127.0.0.1)")
     p.add_argument("--port", type=int, default=8080, help="port (default 8080)")
-    p.add_argument("--engine", default="warp", help="animation engine (default warp, CPU)")
+    p.add_argument("--engine", default="warp", choices=ENGINES,
+                   help="animation engine (default warp, CPU)")
     p.add_argument("--avatar", metavar="IMAGE", help="reference photo with one clear face "
                    "(default: a bundled public-domain portrait)")
     p.add_argument("--avatars", metavar="DIR", help="also load every portrait in this folder "

@@ -29,7 +29,7 @@ import cv2
 import numpy as np
 import soxr
 
-from avatar_stream.engines import FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, Avatar, Engine
+from avatar_stream.engines import ENGINES, FPS, SAMPLE_RATE, SAMPLES_PER_FRAME, Avatar, Engine
 from avatar_stream.engines.flashhead.config import add_cli_options as add_flashhead_options
 from avatar_stream.errors import SpeechError
 from avatar_stream.media import OUT_RATE
@@ -330,7 +330,8 @@ def add_parser(sub: Any) -> None:
                    help="speech file (wav, mp3, ogg, ... anything FFmpeg reads)")
     p.add_argument("-o", "--output", metavar="OUT", required=True,
                    help="video file to write: .webm (VP8 + Opus) or .mp4 (H.264 + AAC)")
-    p.add_argument("--engine", default="warp", help="animation engine (default warp, CPU)")
+    p.add_argument("--engine", default="warp", choices=ENGINES,
+                   help="animation engine (default warp, CPU)")
     p.add_argument("--seed", type=int, default=0, help="seed of the idle motion (blinks, drift)")
     p.add_argument("-q", "--quiet", action="store_true", help="no progress bar")
     add_flashhead_options(p)

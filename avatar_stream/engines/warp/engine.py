@@ -3,8 +3,6 @@ stream per session."""
 
 from __future__ import annotations
 
-import logging
-
 import numpy as np
 
 from avatar_stream.avatars import facerig as fr
@@ -17,9 +15,6 @@ from avatar_stream.engines.base import (
 from avatar_stream.engines.warp.cache import cached_rig
 from avatar_stream.engines.warp.motion import WarpStream
 from avatar_stream.engines.warp.rig import WarpRig
-
-log = logging.getLogger(__name__)
-
 
 # --- engine ------------------------------------------------------------------------------------
 

@@ -3,7 +3,6 @@ of a face (blinks, drift, nods): the per-session stream, which redraws only what
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 
@@ -17,9 +16,6 @@ from avatar_stream.engines.base import (
 )
 from avatar_stream.engines.warp.paint import mouth_paint, render
 from avatar_stream.engines.warp.rig import BLINK_DRAWN, REDRAW_PX, Controls, WarpRig
-
-log = logging.getLogger(__name__)
-
 
 # --- audio to controls -------------------------------------------------------------------------
 

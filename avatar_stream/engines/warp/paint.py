@@ -4,7 +4,6 @@ mouth's inside, closed eyelids)."""
 
 from __future__ import annotations
 
-import logging
 import math
 from dataclasses import dataclass
 from typing import Any
@@ -27,8 +26,6 @@ from avatar_stream.engines.warp.rig import (
     smoothstep,
     soft,
 )
-
-log = logging.getLogger(__name__)
 
 _LID_TINT = np.array([0.95, 0.91, 0.89], np.float32)  # lids: a little darker and pinker
 

@@ -4,7 +4,6 @@ resolution where they are smooth."""
 
 from __future__ import annotations
 
-import logging
 import math
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -19,8 +18,6 @@ from avatar_stream.engines.base import (
     AvatarError,
     Box,
 )
-
-log = logging.getLogger(__name__)
 
 _NOSE_BOTTOM = 2  # face-mesh point under the nose (subnasale)
 _DEG = math.pi / 180.0

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
-import logging
 import socket
 from collections.abc import AsyncIterator
 from typing import Any
@@ -52,8 +51,6 @@ from avatar_stream.transports.http.state import STATE, ServerState
 from avatar_stream.transports.webrtc import internals as aiortc_internals
 from avatar_stream.transports.webrtc.ice import restrict_host_addresses
 from avatar_stream.transports.webrtc.internals import AiortcMismatch
-
-log = logging.getLogger(__name__)
 
 
 async def load_state(config: ServerConfig) -> ServerState:

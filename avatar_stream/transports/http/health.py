@@ -3,7 +3,6 @@ and the client configuration (``/v1/config``: ICE servers for the page)."""
 
 from __future__ import annotations
 
-import logging
 from importlib import resources
 from pathlib import Path
 
@@ -14,8 +13,6 @@ from avatar_stream.scale.metrics import CONTENT_TYPE
 from avatar_stream.transports.http.sessions import require_server
 from avatar_stream.transports.http.state import STATE
 from avatar_stream.transports.webrtc.turn import session_ice_servers
-
-log = logging.getLogger(__name__)
 
 WEB_DIR = Path(str(resources.files("avatar_stream") / "web"))
 

@@ -4,7 +4,6 @@ end sessions; and the access checks every session or server-wide call makes."""
 from __future__ import annotations
 
 import json
-import logging
 from dataclasses import replace
 from typing import Any
 
@@ -26,7 +25,6 @@ from avatar_stream.transports.http.state import STATE, ServerState
 from avatar_stream.transports.webrtc.peer import OfferError, WebRTCPeer
 from avatar_stream.transports.webrtc.turn import session_ice_servers
 
-log = logging.getLogger(__name__)
 MAX_OFFER_BYTES = 256 * 1024
 
 
