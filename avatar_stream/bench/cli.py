@@ -17,6 +17,7 @@ from collections.abc import Iterator
 from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import av
@@ -24,7 +25,7 @@ import numpy as np
 import soxr
 
 from avatar_stream.bench import report
-from avatar_stream.bench.machine import CpuMeter, CpuShare, server_cpu_seconds
+from avatar_stream.bench.machine import CpuMeter, CpuShare, listening_pid, split_meters
 from avatar_stream.bench.runner import SessionResult, progress_printer, run_session, server_or_url
 from avatar_stream.client.avatarclient import AUDIO_PREFETCH, MIC_RATE
 from avatar_stream.scale.workers import cores
@@ -52,7 +53,14 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--baseline", action="store_true",
                    help="also measure the same path with no engine (the floor) and compare")
     p.add_argument("--find-capacity", action="store_true",
-                   help="add sessions until p95 echo latency > 500 ms or a session < 24 fps")
+                   help="add sessions (from --sessions) until a session gets under --min-fps "
+                        "or the p95 echo latency passes --max-echo-p95")
+    p.add_argument("--min-fps", type=float, default=24.5, help="find-capacity's frame rate bound")
+    p.add_argument("--max-echo-p95", type=float, default=300.0, metavar="MS",
+                   help="find-capacity's echo latency bound (p95 over all sessions)")
+    p.add_argument("--measured", type=int, default=1, metavar="N",
+                   help="sessions measured fully (video decoded: mouth latency, A/V offset); "
+                        "the others are load sessions that decode nothing while they run")
     p.add_argument("--interrupt-every", type=int, default=3, metavar="N",
                    help="barge in on every Nth clip (0: never)")
     p.add_argument("--audio-buffer", type=int, default=AUDIO_PREFETCH, metavar="PACKETS",
@@ -91,53 +99,66 @@ def load_speech(path: Path | None) -> np.ndarray:
 
 
 async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Namespace,
-                       record_mouth: bool = True,
+                       measured: int = 1,
                        clients: tuple[ProcessPoolExecutor, int] | None = None,
-                       server_apart: bool = True,
+                       server_apart: bool = True, server_pid: int | None = None,
                        ) -> tuple[list[SessionResult], CpuShare | None]:
     """``n`` sessions at once; their results, and how busy the machine was meanwhile.
-    With ``clients`` (a pool and its size), the sessions are spread over its processes, as
-    many users' clients never share one interpreter; otherwise they all run here.
-    ``server_apart``: the server runs in processes of its own, whose CPU time it reports."""
-    server_s = await server_cpu_seconds(url) if server_apart else None
-    t = time.perf_counter()
+
+    The first ``measured`` sessions are measured fully (video decoded: mouth latency, A/V
+    offset, lip sync); the others are load sessions, which decode nothing while they run
+    (video frames counted off their RTP marker bits, audio kept as Opus packets and
+    decoded afterwards for the echo latency), so that the clients cost the machine little
+    and the figures are the server's. With ``clients`` (a pool and its size), the sessions
+    are spread over its processes, as many users' clients never share one interpreter;
+    otherwise they all run here. ``server_apart``: the server runs in processes of its own
+    (``server_pid``, or whichever listens on the URL's port), whose CPU time is reported
+    beside the clients'."""
+    server = client = None
+    if server_apart:
+        pid = server_pid or listening_pid(urlsplit(url).port or 80)
+        if pid is not None:
+            server, client = split_meters(pid, lambda: clients[0]._processes if clients else [])
+    for meter in (server, client):
+        if meter:
+            meter.start()
     with CpuMeter() as cpu:
         if clients is None:
-            results = await _sessions(url, speech, range(n), n, args, record_mouth)
+            results = await _sessions(url, speech, range(n), n, args, measured)
         else:
             pool, size = clients
             k = min(n, size)
             loop = asyncio.get_running_loop()
             parts = await asyncio.gather(*(
                 loop.run_in_executor(pool, _sessions_in_process, url, speech,
-                                     range(i, n, k), n, args, record_mouth)
+                                     range(i, n, k), n, args, measured)
                 for i in range(k)
             ))
             results = [r for part in parts for r in part]
-    server_end = await server_cpu_seconds(url) if server_s is not None else None
-    if (cpu.share is not None and server_s is not None and server_end is not None
-            and server_end >= server_s):  # not when a worker process was started again
-        cpu.share.server_cores = (server_end - server_s) / (time.perf_counter() - t)
+    if cpu.share is not None:
+        cpu.share.sessions = n
+        if server is not None and client is not None:
+            cpu.share.server_cores, cpu.share.client_cores = server.stop(), client.stop()
     return results, cpu.share
 
 
 async def _sessions(url: str, speech: np.ndarray, which: range, n: int,
-                    args: argparse.Namespace, record_mouth: bool) -> list[SessionResult]:
+                    args: argparse.Namespace, measured: int) -> list[SessionResult]:
     show = progress_printer()
     return list(await asyncio.gather(*(
         run_session(url, speech, args.duration, mode=args.mode,
-                    interrupt_every=args.interrupt_every, record_mouth=record_mouth,
+                    interrupt_every=args.interrupt_every, load=i >= measured,
                     audio_buffer=args.audio_buffer,
-                    record_face=record_mouth and i == 0, progress=show if i == 0 else None,
+                    record_face=i == 0, progress=show if i == 0 else None,
                     label=f"[{n} session{'s' if n > 1 else ''}] ")
         for i in which
     )))
 
 
 def _sessions_in_process(url: str, speech: np.ndarray, which: range, n: int,
-                         args: argparse.Namespace, record_mouth: bool) -> list[SessionResult]:
+                         args: argparse.Namespace, measured: int) -> list[SessionResult]:
     """A client process's share of the sessions."""
-    return asyncio.run(_sessions(url, speech, which, n, args, record_mouth))
+    return asyncio.run(_sessions(url, speech, which, n, args, measured))
 
 
 async def bench(args: argparse.Namespace) -> dict[str, Any]:
@@ -156,7 +177,7 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     with client_processes(many) as clients:
         async with server_or_url(args.url, args.engine, hosts, own_process=many) as url:
             results, out["cpu"] = await run_sessions(url, speech, args.sessions, args,
-                                                     clients=clients,
+                                                     measured=args.measured, clients=clients,
                                                      server_apart=many or bool(args.url))
         out["sessions"] = results
         out["summary"] = report.summarise(results)
@@ -164,17 +185,25 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
             print("bench: baseline (same path, no engine)", file=sys.stderr)
             async with server_or_url(None, "still", hosts, own_process=many) as url:
                 base, out["baseline_cpu"] = await run_sessions(
-                    url, speech, args.sessions, args, record_mouth=False, clients=clients,
+                    url, speech, args.sessions, args, measured=0, clients=clients,
                     server_apart=many)
             out["baseline_sessions"] = base
             out["baseline"] = report.summarise(base)
     return out
 
 
+CAPACITY_LEVELS = (1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 12, 14, 16, 20, 24, 32)
+
+
 async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: list[str]
                         ) -> dict[str, Any]:
+    """Add sessions until one gets under ``--min-fps`` or the p95 echo latency over all of
+    them passes ``--max-echo-p95``: one session measured fully, the rest load sessions
+    that decode nothing (so the clients' cost stays small beside the server's), the
+    server's and the clients' CPU reported apart."""
     levels: list[dict[str, Any]] = []
     capacity = 0
+    start = args.sessions if args.sessions > 1 else 1
     async with server_or_url(args.url, args.engine, hosts, own_process=True) as url:
         workers = await session_processes(url)
         with client_processes(True) as clients:
@@ -182,24 +211,42 @@ async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: lis
             print(f"  the server runs sessions in {workers} "
                   f"process{'es' if workers > 1 else ''}, the clients in {clients[1]}",
                   file=sys.stderr, flush=True)
-            for n in (1, 2, 3, 4, 5, 6, 7, 8, 10, 12, 16):
-                results, cpu = await run_sessions(url, speech, n, args, record_mouth=False,
+            for n in (n for n in CAPACITY_LEVELS if n >= start):
+                results, cpu = await run_sessions(url, speech, n, args, measured=args.measured,
                                                   clients=clients)
                 summary = report.summarise(results)
                 echo_p95 = summary["echo latency"].get("p95", float("inf"))
                 min_fps = min(r.fps for r in results)
-                ok = echo_p95 <= 500 and min_fps >= 24
+                ok = echo_p95 <= args.max_echo_p95 and min_fps >= args.min_fps
                 levels.append({"sessions": n, "echo_p95_ms": echo_p95, "min_fps": min_fps,
-                               "ok": ok, "cpu": cpu})
-                print(f"  {n:2d} sessions: p95 echo {echo_p95:6.0f} ms, min fps {min_fps:5.1f} "
-                      f"-> {'ok' if ok else 'over'}"
+                               "freezes": sum(r.freezes for r in results), "ok": ok,
+                               "cpu": cpu, "summary": summary})
+                print(f"  {n:2d} sessions: p95 echo {echo_p95:6.0f} ms, min fps {min_fps:5.1f}, "
+                      f"{levels[-1]['freezes']} freezes -> {'ok' if ok else 'over'}"
                       f"{'  (' + cpu.describe() + ')' if cpu else ''}",
                       file=sys.stderr, flush=True)
                 if not ok:
                     break
                 capacity = n
     return {"capacity": capacity, "levels": levels, "server_processes": workers,
-            "client_processes": clients[1]}
+            "client_processes": clients[1], "min_fps": args.min_fps,
+            "max_echo_p95_ms": args.max_echo_p95}
+
+
+def capacity_lines(cap: dict[str, Any]) -> list[str]:
+    """The capacity verdict, and what the server alone would hold at its measured cost."""
+    lines = [f"capacity: {cap['capacity']} concurrent sessions at >= {cap['min_fps']:g} fps "
+             f"with p95 echo latency <= {cap['max_echo_p95_ms']:g} ms"]
+    costs = [(lv["sessions"], lv["cpu"].per_session(lv["cpu"].server_cores),
+              lv["cpu"].client_cores, lv["cpu"].busy)
+             for lv in cap["levels"] if lv["cpu"] is not None and lv["cpu"].server_cores]
+    if costs:
+        n, each, client, busy = costs[-1]
+        lines.append(
+            f"at {n} sessions the server used {each:.3f} cores a session "
+            f"(the clients {client:.2f} cores in all; the machine {100 * busy:.0f}% busy): "
+            f"{cores()} cores hold about {cores() / each:.0f} sessions of server work alone")
+    return lines
 
 
 @contextlib.contextmanager
@@ -263,8 +310,8 @@ def main(args: argparse.Namespace) -> int:
     out = asyncio.run(bench(args))
     if "capacity" in out:
         cap = out["capacity"]
-        print(f"\ncapacity: {cap['capacity']} concurrent sessions at >= 24 fps with p95 echo "
-              f"latency <= 500 ms")
+        print()
+        print("\n".join(capacity_lines(cap)))
     else:
         print()
         print(report.table(out["summary"], out.get("baseline"),

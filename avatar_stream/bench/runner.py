@@ -71,7 +71,7 @@ async def run_session(
     *,
     mode: str = "live",
     interrupt_every: int = 3,
-    record_mouth: bool = True,
+    load: bool = False,
     record_face: bool = False,
     audio_buffer: int = AUDIO_PREFETCH,
     progress: Callable[[str], None] | None = None,
@@ -81,13 +81,16 @@ async def run_session(
 
     ``live``: the speech goes out on the client's audio track in real time, like a
     microphone. ``push``: each clip is posted whole, ahead of playout, like a TTS
-    front-end; its latency counts from the post.
+    front-end; its latency counts from the post. A ``load`` session decodes nothing while
+    it runs (see ``AvatarClient``'s ``decode_video`` and ``decode_audio``): it has no mouth
+    figures, and its audio is decoded after it closed, as a receiver holding
+    ``audio_buffer`` packets back would have played it.
     """
     clip_s = len(speech) / MIC_RATE
     script = Script(mode=mode)
-    # a session that measures no mouth need not decode the video at all
-    client = AvatarClient(url, record_mouth=record_mouth, record_face=record_face,
-                          decode_video=record_mouth or record_face, audio_prefetch=audio_buffer)
+    client = AvatarClient(url, record_mouth=not load, record_face=record_face and not load,
+                          decode_video=not load, decode_audio=not load,
+                          audio_prefetch=audio_buffer)
     try:
         await client.connect()
         t0 = time.perf_counter()
@@ -104,7 +107,8 @@ async def run_session(
             script.clips.append((start, clip_s, cut))
             if cut:
                 await asyncio.sleep(min(1.0, clip_s / 3))
-                await _until_loud(client, timeout=min(1.5, clip_s / 2))
+                if not load:  # (a load session cannot tell: it decodes nothing)
+                    await _until_loud(client, timeout=min(1.5, clip_s / 2))
                 client.mic.play(np.zeros(0, np.int16))  # the speaker stops...
                 script.interrupts.append(client.interrupt())  # ...and barges in
                 await asyncio.sleep(PAUSE_S)
@@ -119,6 +123,8 @@ async def run_session(
             await asyncio.wait_for(client.close(), 20)
         except asyncio.TimeoutError:
             print(f"bench: {label}a session took over 20 s to close", file=sys.stderr)
+    if load:
+        client.received.decode_packets(audio_buffer)
     return measure(client, script, speech)
 
 

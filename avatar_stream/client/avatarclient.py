@@ -26,7 +26,10 @@ import aiohttp
 import av
 import numpy as np
 from aiortc import RTCPeerConnection, RTCRtpReceiver, RTCSessionDescription
+from aiortc.codecs.opus import OpusDecoder
+from aiortc.jitterbuffer import JitterFrame
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from aiortc.rtp import RtpPacket
 
 from avatar_stream.audio.resample import frame_to_mono
 from avatar_stream.client.sessioncontrol import (
@@ -54,6 +57,7 @@ from avatar_stream.transports.webrtc.jitterbuffer import ArrivalRecordingBuffer,
 AUDIO_PREFETCH = 2
 MIC_RATE = OUT_RATE
 MIC_FRAME = 960  # 20 ms
+MIC_TIME_BASE = fractions.Fraction(1, MIC_RATE)
 # speech pushed on the data channel: stop sending above HIGH bytes buffered, go on below LOW
 DC_HIGH_WATER = 256 * 1024
 DC_LOW_WATER = 64 * 1024
@@ -69,9 +73,13 @@ class SpeechTrack(MediaStreamTrack):
     """
 
     kind = "audio"
+    #: Opus packets of the clips played with ``reuse_packets``, per clip (a load generator
+    #: encodes each clip once per process, not once per session)
+    _packets: dict[int, tuple[np.ndarray, list[bytes]]] = {}  # noqa: RUF012
 
-    def __init__(self, record: bool = True) -> None:
+    def __init__(self, record: bool = True, reuse_packets: bool = False) -> None:
         super().__init__()
+        self.reuse_packets = reuse_packets
         self._clip = np.zeros(0, np.int16)
         self._pos = 0
         self._n = 0
@@ -105,18 +113,47 @@ class SpeechTrack(MediaStreamTrack):
         delay = self._t0 + self._n * MIC_FRAME / MIC_RATE - time.perf_counter()
         if delay > 0:
             await asyncio.sleep(delay)
+        at = self._pos if self._pos < len(self._clip) else -1  # -1: silence
         chunk = self._clip[self._pos : self._pos + MIC_FRAME]
         self._pos += len(chunk)
         if len(chunk) < MIC_FRAME:
             chunk = np.concatenate([chunk, np.zeros(MIC_FRAME - len(chunk), np.int16)])
         if self.record:
             self.sent_chunks.append(chunk)
+        pts = self._n * MIC_FRAME
+        self._n += 1
+        if self.opus is not None and self.reuse_packets:
+            return self._reused_packet(at, pts)
         frame = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
         frame.sample_rate = MIC_RATE
-        frame.pts = self._n * MIC_FRAME
-        frame.time_base = fractions.Fraction(1, MIC_RATE)
-        self._n += 1
+        frame.pts = pts
+        frame.time_base = MIC_TIME_BASE
         return self.opus.encode(frame) if self.opus is not None else frame
+
+    def _reused_packet(self, at: int, pts: int) -> av.Packet:
+        """The packet for this frame encoded once per clip (silence: once at all)."""
+        clip = self._clip if at >= 0 else _SILENCE
+        cached = self._packets.get(id(clip))
+        if cached is None or cached[0] is not clip:
+            encoder = OpusPacketEncoder()
+            packets = []
+            for i in range(0, max(len(clip), 1), MIC_FRAME):
+                chunk = np.zeros(MIC_FRAME, np.int16)
+                part = clip[i : i + MIC_FRAME]
+                chunk[: len(part)] = part
+                f = av.AudioFrame.from_ndarray(chunk.reshape(1, -1), format="s16", layout="mono")
+                f.sample_rate, f.pts, f.time_base = MIC_RATE, i, MIC_TIME_BASE
+                packets.append(bytes(encoder.encode(f)))
+            if len(self._packets) > 16:
+                self._packets.clear()
+            cached = self._packets[id(clip)] = (clip, packets)
+        packet = av.Packet(cached[1][max(at, 0) // MIC_FRAME])
+        packet.pts = pts
+        packet.time_base = MIC_TIME_BASE
+        return packet
+
+
+_SILENCE = np.zeros(MIC_FRAME, np.int16)
 
 
 @dataclass
@@ -132,6 +169,8 @@ class Received:
     audio_net_t: list[float] = field(default_factory=list)
     audio_pts: list[int] = field(default_factory=list)
     audio: list[np.ndarray] = field(default_factory=list)  # float32 mono 48 kHz per frame
+    # undecoded audio (``decode_audio=False``): (arrival, sequence number, RTP timestamp, Opus)
+    audio_packets: list[tuple[float, int, int, bytes]] = field(default_factory=list)
     events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
 
     def fps(self, since: float | None = None) -> float:
@@ -140,6 +179,33 @@ class Received:
 
     def audio_samples(self) -> np.ndarray:
         return np.concatenate(self.audio) if self.audio else np.zeros(0, np.float32)
+
+    def decode_packets(self, prefetch: int = AUDIO_PREFETCH) -> None:
+        """Decode the kept Opus packets into ``audio`` as a receiver holding ``prefetch``
+        packets back would have played them: packet i plays once packets i .. i+prefetch
+        are in (when the next ones never come, at its own arrival)."""
+        if not self.audio_packets:
+            return
+        first = self.audio_packets[0][1]
+        packets = sorted(self.audio_packets, key=lambda p: _unwrap_seq(p[1], first))
+        arrivals = [p[0] for p in packets]
+        decoder = OpusDecoder()
+        played = 0.0
+        for i, (arrived, _, timestamp, payload) in enumerate(packets):
+            ready = max(arrivals[i : i + prefetch + 1])
+            played = max(played, ready)
+            for frame in decoder.decode(JitterFrame(payload, timestamp)):
+                assert isinstance(frame, av.AudioFrame)
+                self.audio_t.append(played)
+                self.audio_net_t.append(arrived)
+                self.audio_pts.append(timestamp)
+                self.audio.append(frame_to_mono(frame))
+        self.audio_packets = []
+
+
+def _unwrap_seq(seq: int, first: int) -> int:
+    """A 16-bit RTP sequence number as a distance from ``first`` (wraps forward)."""
+    return (seq - first) % 65536
 
 
 class AvatarClient(SessionCalls):
@@ -160,6 +226,7 @@ class AvatarClient(SessionCalls):
         record_mouth: bool = True,
         record_face: bool = False,
         decode_video: bool = True,
+        decode_audio: bool = True,
         api_key: str | None = None,
         audio_prefetch: int = AUDIO_PREFETCH,
         video_codecs: list[str] | None = None,
@@ -172,13 +239,17 @@ class AvatarClient(SessionCalls):
         self.avatar = avatar
         self.ice_host_addresses = list(ice_host_addresses) if ice_host_addresses else None
         self.pc = RTCPeerConnection(rtc_configuration(ice_servers or []))
-        self.mic = SpeechTrack()
+        # a client that decodes nothing is a load generator: its microphone reuses packets
+        self.mic = SpeechTrack(reuse_packets=not (decode_video or decode_audio))
         self.received = Received()
         self.session_id: str | None = None
         self.avatar_info: dict[str, Any] = {}
         self.record_mouth = record_mouth
         self.record_face = record_face
-        self.decode_video = decode_video  # False: only note when each frame arrived
+        # False: only note when each frame's last packet (its marker bit) arrived
+        self.decode_video = decode_video
+        # False: keep the Opus packets undecoded (``received.decode_packets()`` after)
+        self.decode_audio = decode_audio
         self.video_codecs = video_codecs  # e.g. ["video/VP8"]: offer only these (default: all)
         self._last_rtp: int | None = None
         self.connect_started: float | None = None
@@ -265,10 +336,21 @@ class AvatarClient(SessionCalls):
         answer = filter_candidates(data["sdp"], self.ice_host_addresses)
         await self.pc.setRemoteDescription(RTCSessionDescription(sdp=answer, type="answer"))
         use_avatar_encoders(self.pc)  # the microphone encodes its own Opus, as the server does
-        self._arrivals = record_arrivals(
-            self.pc, None if self.decode_video else self._frame_arrived, self.audio_prefetch
-        )
+        taps: dict[str, Callable[[float, RtpPacket], None]] = {}
+        if not self.decode_video:
+            taps["video"] = self._video_packet
+        if not self.decode_audio:
+            taps["audio"] = self._audio_packet
+        self._arrivals = record_arrivals(self.pc, self.audio_prefetch, taps)
         await asyncio.wait_for(self.wait_event("ready"), timeout)
+
+    def _audio_packet(self, t: float, packet: RtpPacket) -> None:
+        self.received.audio_packets.append(
+            (t, packet.sequence_number, packet.timestamp, packet.payload))
+
+    def _video_packet(self, t: float, packet: RtpPacket) -> None:
+        if packet.marker:  # a frame's last packet
+            self._frame_arrived(t, packet.timestamp)
 
     def _frame_arrived(self, t: float, rtp_timestamp: int) -> None:
         """A video frame that will not be decoded: its arrival and (unwrapped) timestamp."""

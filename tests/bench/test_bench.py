@@ -121,18 +121,29 @@ def test_cpu_meter_sees_this_process_working() -> None:
 
 
 async def test_sessions_spread_over_client_processes(speech48k) -> None:
-    """find-capacity's clients: sessions in other processes measure as they do here."""
+    """find-capacity's clients: load sessions in other processes, which decode nothing while
+    they run, measure what fully measured sessions do; the server's CPU (here, this
+    process) and the clients' (the other processes) are told apart."""
     args = argparse.Namespace(duration=8.0, mode="live", interrupt_every=0,
                               audio_buffer=AUDIO_PREFETCH)
     clip = speech48k[: 48000 * 3]
     async with server_or_url(None, "still", ["127.0.0.1"]) as url:
         with client_processes(True) as clients:
             assert clients is not None and clients[1] >= 1
-            results, cpu = await run_sessions(url, clip, 2, args, record_mouth=False,
-                                              clients=clients)
-    assert len(results) == 2 and cpu is not None
-    # the server (here, this process; the clients are elsewhere) reports its own CPU time
-    assert cpu.server_cores is not None and 0.01 < cpu.server_cores < (os.cpu_count() or 1)
+            results, cpu = await run_sessions(url, clip, 3, args, measured=1, clients=clients)
+    assert len(results) == 3 and cpu is not None and cpu.sessions == 3
+    cores = os.cpu_count() or 1
+    assert cpu.server_cores is not None and 0.01 < cpu.server_cores < cores, cpu
+    assert cpu.client_cores is not None and 0.005 < cpu.client_cores < cores, cpu
+    full, *load = results
+    # only the first decoded its video (the still engine's mouth never moves: no latency)
+    assert full.timeline["mouth"] and not any(r.timeline["mouth"] for r in load)
     for r in results:
         assert r.fps > 20 and len(r.echo) >= 2, (r.fps, r.echo)
         assert all(0.05 < lag < 0.6 for _, lag, _ in r.echo), r.echo
+        assert r.pts_monotonic and r.interrupt_to_silence == []
+    # a load session's echo (its packets decoded afterwards, played as a receiver holding
+    # the same packets back) agrees with the decoding session's within a few packets
+    full_echo = np.median([e[1] for e in full.echo])
+    for r in load:
+        assert abs(np.median([e[1] for e in r.echo]) - full_echo) < 0.06, (r.echo, full.echo)

@@ -62,16 +62,10 @@ class ArrivalRecordingBuffer(JitterBuffer):
     client's buffers.
     """
 
-    def __init__(
-        self, capacity: int, prefetch: int = 0, is_video: bool = False,
-        swallow: Callable[[float, int], None] | None = None,
-    ) -> None:
+    def __init__(self, capacity: int, prefetch: int = 0, is_video: bool = False) -> None:
         super().__init__(capacity, prefetch=prefetch, is_video=is_video)
         self._arrived: dict[int, float] = {}
         self.frames_out: deque[float] = deque(maxlen=256)
-        # with ``swallow`` set, complete frames are reported to it (arrival time, RTP
-        # timestamp) and never decoded: a load generator need not pay for decoding
-        self._swallow = swallow
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
         self._arrived[packet.timestamp] = time.perf_counter()
@@ -80,26 +74,40 @@ class ArrivalRecordingBuffer(JitterBuffer):
             arrived = self._arrived.pop(frame.timestamp, time.perf_counter())
             if len(self._arrived) > 512:  # timestamps of frames that never completed
                 self._arrived.clear()
-            if self._swallow is not None:
-                self._swallow(arrived, frame.timestamp)
-                return pli, None
             self.frames_out.append(arrived)
         return pli, frame
 
 
+class PacketTap(JitterBuffer):
+    """Hands each packet to ``on_packet`` (arrival time, packet) and nothing to aiortc: no
+    reassembly, no decoding. A load generator's receiver, that costs next to nothing."""
+
+    def __init__(self, on_packet: Callable[[float, RtpPacket], None]) -> None:
+        super().__init__(capacity=16)
+        self._on_packet = on_packet
+
+    def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
+        self._on_packet(time.perf_counter(), packet)
+        return False, None
+
+
 def record_arrivals(
-    pc: RTCPeerConnection, swallow_video: Callable[[float, int], None] | None = None,
-    audio_prefetch: int | None = None,
+    pc: RTCPeerConnection, audio_prefetch: int | None = None,
+    taps: dict[str, Callable[[float, RtpPacket], None]] | None = None,
 ) -> dict[str, ArrivalRecordingBuffer]:
     """Swap each receiver's jitter buffer for a recording one with the same settings (or
-    ``audio_prefetch`` audio packets held back instead of aiortc's 4)."""
+    ``audio_prefetch`` audio packets held back instead of aiortc's 4); a kind named in
+    ``taps`` gets a PacketTap instead (and is not in the answer)."""
     buffers = {}
     for transceiver in pc.getTransceivers():
+        kind = transceiver.kind
+        if taps and kind in taps:
+            replace(transceiver.receiver, PacketTap(taps[kind]))
+            continue
         old = current(transceiver.receiver)
-        audio = transceiver.kind == "audio"
-        swallow = None if audio else swallow_video
-        prefetch = audio_prefetch if audio and audio_prefetch is not None else old._prefetch
-        new = ArrivalRecordingBuffer(old.capacity, prefetch, old._is_video, swallow)
+        prefetch = audio_prefetch if kind == "audio" and audio_prefetch is not None \
+            else old._prefetch
+        new = ArrivalRecordingBuffer(old.capacity, prefetch, old._is_video)
         replace(transceiver.receiver, new)
-        buffers[transceiver.kind] = new
+        buffers[kind] = new
     return buffers
