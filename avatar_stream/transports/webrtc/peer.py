@@ -13,18 +13,18 @@ import json
 import logging
 from collections.abc import Callable
 
-import av
+import numpy as np
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 
-from avatar_stream.audio.resample import Resampler, frame_to_mono
+from avatar_stream.audio.resample import Resampler
 from avatar_stream.core.session import Session
 from avatar_stream.media import Event
 from avatar_stream.transports.protocol import SpeechProtocol
 from avatar_stream.transports.webrtc.encoders import prefer_h264, use_avatar_encoders
 from avatar_stream.transports.webrtc.ice import filter_candidates, rtc_configuration
-from avatar_stream.transports.webrtc.jitterbuffer import receive_audio_immediately
+from avatar_stream.transports.webrtc.jitterbuffer import decode_audio_on_arrival
 from avatar_stream.transports.webrtc.tracks import TrackSink
 
 log = logging.getLogger(__name__)
@@ -46,6 +46,7 @@ class WebRTCPeer:
         )
         self.video, self.audio = self.sink.video, self.sink.audio
         self.channel: RTCDataChannel | None = None
+        self._resample = Resampler()
         self._ready_sent = False
         session.transport = self
         session.listeners.append(self._to_channel)
@@ -75,7 +76,7 @@ class WebRTCPeer:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
         except Exception as exc:  # aiortc raises several kinds on a malformed SDP
             raise OfferError(f"invalid SDP offer: {exc}") from exc
-        receive_audio_immediately(self.pc)
+        decode_audio_on_arrival(self.pc, self._heard)
         prefer_h264(self.pc)
         kinds = [t.kind for t in self.pc.getTransceivers()]
         if "video" not in kinds:
@@ -94,9 +95,7 @@ class WebRTCPeer:
 
         @pc.on("track")
         def on_track(track: MediaStreamTrack) -> None:
-            if track.kind == "audio":
-                session.spawn(self._listen(track))
-            else:
+            if track.kind != "audio":  # (audio is decoded as it arrives: ``_heard``)
                 session.spawn(_drain(track))  # nothing to do with client video, but drain it
 
         @pc.on("datachannel")
@@ -123,17 +122,10 @@ class WebRTCPeer:
 
     # -- speech in -------------------------------------------------------------------
 
-    async def _listen(self, track: MediaStreamTrack) -> None:
-        """Drain the client's audio (aiortc's queue is unbounded) into the session's
-        speech input, as microphone speech."""
-        resample = Resampler()
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if isinstance(frame, av.AudioFrame):
-                self.session.input.listen(resample(frame_to_mono(frame), frame.sample_rate))
+    def _heard(self, samples: np.ndarray, rate: int) -> None:
+        """The client's audio as it arrives, into the session's speech input as
+        microphone speech."""
+        self.session.input.listen(self._resample(samples, rate))
 
     # -- events out ------------------------------------------------------------------
 
