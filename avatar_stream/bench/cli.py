@@ -24,7 +24,7 @@ import av
 import numpy as np
 import soxr
 
-from avatar_stream.bench import report
+from avatar_stream.bench import impaired, report
 from avatar_stream.bench.machine import CpuMeter, CpuShare, listening_pid, split_meters
 from avatar_stream.bench.runner import SessionResult, progress_printer, run_session, server_or_url
 from avatar_stream.client.avatarclient import AUDIO_PREFETCH, MIC_RATE
@@ -68,6 +68,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "what a browser holds on a clean link, aiortc's own receiver 4")
     p.add_argument("--ice-host-addresses", default="127.0.0.1",
                    help="ICE host addresses for the in-process server and the clients")
+    impaired.add_arguments(p)
     p.add_argument("--json", type=Path, help="write every raw sample here")
     p.add_argument("--plot", type=Path, help="write latency distributions and a timeline (PNG)")
 
@@ -148,6 +149,7 @@ async def _sessions(url: str, speech: np.ndarray, which: range, n: int,
     return list(await asyncio.gather(*(
         run_session(url, speech, args.duration, mode=args.mode,
                     interrupt_every=args.interrupt_every, load=i >= measured,
+                    hosts=parse_addresses(args.ice_host_addresses),
                     audio_buffer=args.audio_buffer,
                     record_face=i == 0, progress=show if i == 0 else None,
                     label=f"[{n} session{'s' if n > 1 else ''}] ")
@@ -167,6 +169,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"speech_s": len(speech) / MIC_RATE, "duration_s": args.duration}
     if args.find_capacity:
         out["capacity"] = await find_capacity(args, speech, hosts)
+        return out
+    if impaired.wanted(args):
+        if args.url:
+            raise SystemExit("bench: an impaired network needs the server started here "
+                             "(no --url)")
+        out.update(await impaired.impaired_bench(args, speech))
         return out
     # one session shares this process with its server; several get processes of their own
     many = args.sessions > 1
@@ -318,6 +326,8 @@ def main(args: argparse.Namespace) -> int:
                            title=f"{len(out['sessions'])} session(s), {args.duration:.0f} s each"))
         print(f"(heard: after the client's audio buffer of {args.audio_buffer} packets, "
               f"{20 * args.audio_buffer} ms)")
+        if "network" in out:
+            print("\n".join(impaired.lines(out)))
         for key, what in (("cpu", "this machine"), ("baseline_cpu", "during the baseline")):
             if out.get(key):
                 print(f"{what}: {out[key].describe()}")

@@ -113,6 +113,7 @@ class Link:
     server_ip: str = "10.77.0.1"
     client_ip: str = "10.77.0.2"
     _delay_lines: list[subprocess.Popen[str]] = field(default_factory=list)
+    _dropped_before: int = 0  # by outage rules since removed
 
     @property
     def sides(self) -> tuple[tuple[str, str], tuple[str, str]]:
@@ -144,27 +145,34 @@ table inet {TABLE} {{
 
     def set_outage(self, down: bool) -> None:
         """Drop everything either side receives (``down``), or nothing."""
+        if not down:
+            self._dropped_before += self.dropped(chain="outage")
         for ns, _ in self.sides:
             self._ensure_table(ns)
             self._nft(ns, f"flush chain inet {TABLE} outage\n" + (
                 f"add rule inet {TABLE} outage counter drop\n" if down else ""))
 
-    def dropped(self) -> int:
+    def dropped(self, chain: str | None = None) -> int:
         """Packets the loss and outage rules dropped so far (both sides)."""
-        total = 0
+        total = 0 if chain else self._dropped_before
         for ns, _ in self.sides:
             with contextlib.suppress(NetnsError):
-                out = sh("nft", "list", "table", "inet", TABLE, ns=ns)
+                what = ["chain", "inet", TABLE, chain] if chain else ["table", "inet", TABLE]
+                out = sh("nft", "list", *what, ns=ns)
                 total += sum(int(w.split()[0]) for w in out.split("counter packets")[1:])
         return total
 
     def set_rate(self, rate: str, latency_ms: int = 200) -> None:
         """Cap each direction at ``rate`` (tc syntax: "300kbit"): a token bucket whose
         queue holds ``latency_ms`` of traffic, beyond which packets are dropped, as a
-        router's buffer does."""
+        router's buffer does. (tbf's own ``latency`` adds the burst to the queue: at 300
+        kbit/s a 16 KB burst alone is 430 ms more, so the limit is set in bytes.)"""
+        bps = rate_bps(rate)
+        burst = max(3000, bps // 8 // 100)  # 10 ms of the rate, two packets at least
+        limit = burst + bps // 8 * latency_ms // 1000
         for ns, dev in self.sides:
             sh("tc", "qdisc", "replace", "dev", dev, "root", "tbf", "rate", rate,
-               "burst", "16kb", "latency", f"{latency_ms}ms", ns=ns)
+               "burst", str(burst), "limit", str(limit), ns=ns)
 
     def set_delay(self, delay_ms: float, jitter_ms: float = 0.0, queue: int = 7) -> None:
         """Delay each side's outgoing UDP by ``delay_ms`` +- ``jitter_ms`` (one way): an
@@ -194,6 +202,15 @@ table inet {TABLE} {{
                 if stream:
                     stream.close()
         self._delay_lines.clear()
+
+
+def rate_bps(rate: str) -> int:
+    """tc's rate syntax ("300kbit", "2mbit", "64000bit", "1.5Mbit") in bits per second."""
+    text = rate.strip().lower()
+    for unit, scale in (("gbit", 10**9), ("mbit", 10**6), ("kbit", 10**3), ("bit", 1)):
+        if text.endswith(unit):
+            return int(float(text[: -len(unit)]) * scale)
+    raise ValueError(f"rate {rate!r}: expected a number with kbit, mbit or bit")
 
 
 @contextlib.contextmanager

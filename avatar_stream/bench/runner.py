@@ -12,7 +12,8 @@ import contextlib
 import socket
 import sys
 import time
-from collections.abc import AsyncIterator, Callable
+import urllib.request
+from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -53,6 +54,12 @@ class SessionResult:
     interrupt_to_silence_net: list[float]  # the last speech packet off the network
     lipsync_r: float | None = None  # received mouth vs received audio
     lipsync_lag_s: float | None = None  # positive: the mouth moves after its sound
+    # the speech that came back against what was sent, over the whole run (envelopes, r
+    # at the best lag): how much of it survived the network
+    speech_r: float | None = None
+    # per second: (time from the start, video kbps received, kbps the sender sent: the
+    # received bytes scaled by the packets sent, read off the RTP sequence numbers)
+    video_kbps: list[tuple[float, float, float]] = field(default_factory=list)
     timeline: dict[str, Any] = field(default_factory=dict)
 
     @property
@@ -72,6 +79,7 @@ async def run_session(
     mode: str = "live",
     interrupt_every: int = 3,
     load: bool = False,
+    hosts: Sequence[str] | None = ("127.0.0.1",),  # ICE host addresses (None: every one)
     record_face: bool = False,
     audio_buffer: int = AUDIO_PREFETCH,
     progress: Callable[[str], None] | None = None,
@@ -89,6 +97,7 @@ async def run_session(
     clip_s = len(speech) / MIC_RATE
     script = Script(mode=mode)
     client = AvatarClient(url, record_mouth=not load, record_face=record_face and not load,
+                          ice_host_addresses=list(hosts) if hosts else None,
                           decode_video=not load, decode_audio=not load,
                           audio_prefetch=audio_buffer)
     try:
@@ -184,6 +193,7 @@ def measure(client: AvatarClient, script: Script, speech: np.ndarray) -> Session
         lips_net = A.smooth(A.on_grid(np.asarray(rec.video_net_t)[valid], lips_signal[valid],
                                       start, stop))
         lips = A.best_lag(recv_net, lips_net, max_lag_s=0.3, min_lag_s=-0.3)
+    whole = A.best_lag(sent, recv, max_lag_s=1.0) if len(sent) else (float("nan"),) * 2
     return SessionResult(
         connect_s=(client.first_frame_at or float("nan")) - (client.connect_started or 0.0),
         echo=echo,
@@ -197,15 +207,43 @@ def measure(client: AvatarClient, script: Script, speech: np.ndarray) -> Session
                                                    script.interrupts),
         lipsync_r=lips[1] if lips else None,
         lipsync_lag_s=lips[0] if lips else None,
+        speech_r=whole[1] if np.isfinite(whole[1]) else None,
+        video_kbps=video_bitrate(rec.video_packets, start),
         timeline={
             "t0": start, "grid_hop_s": A.HOP_S, "sent_envelope": sent.tolist(),
             "received_envelope": recv.tolist(),
             "mouth": mouth.tolist() if mouth is not None else [],
-            "video_t": (vt - start).tolist(), "clips": [(c[0] - start, c[1], c[2])
+            "video_t": (vt - start).tolist(), "video_key": list(rec.video_key),
+            "clips": [(c[0] - start, c[1], c[2])
                                                          for c in script.clips],
             "interrupts": [t - start for t in script.interrupts],
         },
     )
+
+
+def video_bitrate(packets: list[tuple[float, int, int]], start: float, bin_s: float = 1.0
+                  ) -> list[tuple[float, float, float]]:
+    """Per ``bin_s``: (bin start from ``start``, kbps received, kbps sent). The sender's
+    packets in a bin are told by how far the highest sequence number moved; each is
+    counted at the bin's mean received size (lost packets are as big as the others)."""
+    if not packets:
+        return []
+    t = np.array([p[0] for p in packets]) - start
+    seq = np.array([p[1] for p in packets], dtype=np.int64)
+    seq = seq[0] + np.cumsum(np.r_[0, (np.diff(seq) + 32768) % 65536 - 32768])  # unwrap
+    size = np.array([p[2] for p in packets], dtype=np.float64)
+    out = []
+    top = int(seq[0]) - 1
+    for b in range(int(max(t[0], 0) // bin_s), int(t[-1] // bin_s) + 1):
+        inside = (t >= b * bin_s) & (t < (b + 1) * bin_s)
+        if not inside.any():
+            out.append((b * bin_s, 0.0, 0.0))
+            continue
+        new_top = max(top, int(seq[inside].max()))
+        sent = (new_top - top) * size[inside].mean()
+        top = new_top
+        out.append((b * bin_s, size[inside].sum() * 8 / 1000 / bin_s, sent * 8 / 1000 / bin_s))
+    return out
 
 
 def mouth_openness(crops: list[np.ndarray]) -> np.ndarray:
@@ -324,6 +362,23 @@ async def _server_process(engine: str, host_addresses: list[str]) -> AsyncIterat
             except asyncio.TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+def wait_healthy(url: str, timeout: float) -> None:
+    """Until ``url``/healthz answers 200 (blocking: for a process of its own); TimeoutError
+    with the last failure after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            with urllib.request.urlopen(url + "/healthz", timeout=2) as r:
+                if r.status == 200:
+                    return
+                last = f"HTTP {r.status}"
+        except OSError as exc:  # refused while it starts; URLError is an OSError
+            last = repr(exc)
+        time.sleep(0.25)
+    raise TimeoutError(f"{url}/healthz not 200 after {timeout:g} s ({last})")
 
 
 def progress_printer(stream: Any = sys.stderr) -> Callable[[str], None]:

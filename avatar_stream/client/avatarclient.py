@@ -163,6 +163,9 @@ class Received:
     video_t: list[float] = field(default_factory=list)
     video_net_t: list[float] = field(default_factory=list)  # last packet off the network
     video_pts: list[int] = field(default_factory=list)
+    video_key: list[bool] = field(default_factory=list)  # decoded frames: a keyframe?
+    # every video packet: (arrival, sequence number, payload bytes), for the bitrate
+    video_packets: list[tuple[float, int, int]] = field(default_factory=list)
     mouth: list[np.ndarray] = field(default_factory=list)  # luma crops of the mouth box
     faces: list[np.ndarray] = field(default_factory=list)  # luma crops of the face box
     audio_t: list[float] = field(default_factory=list)
@@ -341,7 +344,8 @@ class AvatarClient(SessionCalls):
             taps["video"] = self._video_packet
         if not self.decode_audio:
             taps["audio"] = self._audio_packet
-        self._arrivals = record_arrivals(self.pc, self.audio_prefetch, taps)
+        self._arrivals = record_arrivals(self.pc, self.audio_prefetch, taps,
+                                         {"video": self._video_packet})
         await asyncio.wait_for(self.wait_event("ready"), timeout)
 
     def _audio_packet(self, t: float, packet: RtpPacket) -> None:
@@ -349,7 +353,8 @@ class AvatarClient(SessionCalls):
             (t, packet.sequence_number, packet.timestamp, packet.payload))
 
     def _video_packet(self, t: float, packet: RtpPacket) -> None:
-        if packet.marker:  # a frame's last packet
+        self.received.video_packets.append((t, packet.sequence_number, len(packet.payload)))
+        if packet.marker and not self.decode_video:  # a frame's last packet
             self._frame_arrived(t, packet.timestamp)
 
     def _frame_arrived(self, t: float, rtp_timestamp: int) -> None:
@@ -385,6 +390,7 @@ class AvatarClient(SessionCalls):
                 rec.video_t.append(now)
                 rec.video_net_t.append(net_t)
                 rec.video_pts.append(int(frame.pts or 0))
+                rec.video_key.append(bool(frame.key_frame))
                 if (self.record_mouth and box) or (self.record_face and face):
                     luma = frame.to_ndarray(format="gray")
                 if self.record_mouth and box:

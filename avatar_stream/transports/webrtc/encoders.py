@@ -30,32 +30,53 @@ import av
 from aiortc import RTCPeerConnection, RTCRtpCodecParameters
 from aiortc.codecs.base import Encoder
 from aiortc.codecs.h264 import H264Encoder
-from aiortc.codecs.vpx import DEFAULT_BITRATE, MIN_BITRATE, Vp8Encoder
+from aiortc.codecs.vpx import DEFAULT_BITRATE, Vp8Encoder
 from aiortc.mediastreams import VIDEO_TIME_BASE, convert_timebase
 from aiortc.rtcrtpsender import RTCRtpSender
 from av.frame import Frame
 
 from avatar_stream.media import FPS, OUT_RATE
 
-MAX_BITRATE = 800_000  # aiortc's own cap is 1.5 Mbps; its floor (MIN_BITRATE) is kept
+MAX_BITRATE = 800_000  # aiortc's own cap is 1.5 Mbps
+# aiortc's floor is 250 kbps: above what a 300 kbit/s link carries with the speech beside
+# it (measured: the link stayed congested, its queue full, the picture frozen for seconds);
+# at 100 kbps a 512 px head still moves, blurred
+MIN_BITRATE = 100_000
 OPUS_RATE = OUT_RATE
 OPUS_TIME_BASE = fractions.Fraction(1, OPUS_RATE)
 OPUS_BITRATE = 64_000  # mono speech; aiortc sends 96 kbps of stereo
+OPUS_NARROW_BITRATE = 32_000  # while the video rate is under NARROW_LINK: the link is narrow
+NARROW_LINK = 300_000
 
 
 class CappedBitrate:
     """Both codecs start at aiortc's VP8 rate (500 kbps) and follow the receiver's estimate
-    (aiortc's rate control) between aiortc's VP8 floor and ``MAX_BITRATE``."""
+    (aiortc's rate control: REMB, which only sees queueing delay) and the loss the receiver
+    reports (``on_loss``), the lower of the two, between aiortc's VP8 floor and
+    ``MAX_BITRATE``."""
 
-    _bitrate: int = DEFAULT_BITRATE
+    _remb: int = DEFAULT_BITRATE
+    _loss_rate: float = MAX_BITRATE  # what the reported loss allows
 
     @property
     def target_bitrate(self) -> int:
-        return self._bitrate
+        return max(MIN_BITRATE, min(self._remb, int(self._loss_rate), MAX_BITRATE))
 
     @target_bitrate.setter
     def target_bitrate(self, bitrate: int) -> None:
-        self._bitrate = max(MIN_BITRATE, min(bitrate, MAX_BITRATE))
+        self._remb = max(MIN_BITRATE, min(bitrate, MAX_BITRATE))
+
+    def on_loss(self, fraction: float) -> None:
+        """A receiver report's fraction of packets lost since the last one. The loss-based
+        half of Google's congestion control (draft-ietf-rmcat-gcc, section 6): above 10 %
+        the rate falls by half the loss, under 2 % it climbs 5 %, in between it holds. A
+        link capped below the rate loses packets once its queue is full, and REMB alone,
+        which sees the queue grow but not the audio that shares it, stays above the cap."""
+        current = self.target_bitrate
+        if fraction > 0.10:
+            self._loss_rate = max(MIN_BITRATE, current * (1 - 0.5 * fraction))
+        elif fraction < 0.02:
+            self._loss_rate = min(MAX_BITRATE, max(self._loss_rate, current) * 1.05)
 
     codec: av.VideoCodecContext | None
 
@@ -72,7 +93,7 @@ class CappedBitrate:
         if (
             codec is None
             or (frame.width, frame.height) != (codec.width, codec.height)
-            or abs(self._bitrate - rate) > 0.1 * rate
+            or abs(self.target_bitrate - rate) > 0.1 * rate
         ):
             codec = self.codec = self._open(frame.width, frame.height)
         return codec, frame
@@ -80,16 +101,20 @@ class CappedBitrate:
     def _new_codec(
         self, name: str, width: int, height: int, options: dict[str, str]
     ) -> av.VideoCodecContext:
-        """A CBR encoder at the current rate (a 1 s buffer), keyframes only when asked (PLI)
+        """A CBR encoder at the current rate (a 250 ms buffer), keyframes only when asked (PLI)
         or reopened, on one thread: parallelism comes from sessions, not from inside a
         frame."""
         codec = cast(av.VideoCodecContext, av.CodecContext.create(name, "w"))
         codec.width, codec.height = width, height
-        codec.bit_rate = self._bitrate
+        codec.bit_rate = self.target_bitrate
         codec.pix_fmt = "yuv420p"
         codec.gop_size = 3000
-        rate = str(self._bitrate)
-        codec.options = {"bufsize": rate, "minrate": rate, "maxrate": rate, **options}
+        rate = str(self.target_bitrate)
+        # a quarter second of buffer bounds a keyframe to about six frames' worth: with a
+        # second's, one keyframe at 200 kbps overflowed a narrow link's 200 ms queue and
+        # was lost with it (and the next PLI asked for another)
+        buffer = str(self.target_bitrate // 4)
+        codec.options = {"bufsize": buffer, "minrate": rate, "maxrate": rate, **options}
         codec.thread_count = 1
         return codec
 
@@ -162,19 +187,26 @@ class OpusPacketEncoder:
     default of 10. A mono packet is valid in the stereo stream WebRTC negotiates: decoders
     play it on both channels."""
 
-    def __init__(self) -> None:
-        codec = av.CodecContext.create("libopus", "w")
+    def __init__(self, bitrate: int = OPUS_BITRATE) -> None:
+        self.bitrate = bitrate  # a new value takes effect at the next packet
+        self.codec = self._open(bitrate)
+
+    @staticmethod
+    def _open(bitrate: int) -> av.AudioCodecContext:
+        codec = cast(av.AudioCodecContext, av.CodecContext.create("libopus", "w"))
         codec.sample_rate = OPUS_RATE
         codec.format = "s16"
         codec.layout = "mono"
-        codec.bit_rate = OPUS_BITRATE
+        codec.bit_rate = bitrate
         codec.time_base = OPUS_TIME_BASE
         # constrained VBR: unconstrained, libopus spends 1.7 times the rate on loud speech
         codec.options = {"application": "lowdelay", "compression_level": "5", "vbr": "constrained"}
-        self.codec = codec
+        return codec
 
     def encode(self, frame: av.AudioFrame) -> av.Packet:
         assert frame.pts is not None and frame.time_base is not None
+        if self.bitrate != self.codec.bit_rate:  # (each packet stands alone: no glitch)
+            self.codec = self._open(self.bitrate)
         (packet,) = self.codec.encode(frame)  # libopus returns each 20 ms frame at once
         packet.pts = convert_timebase(frame.pts, frame.time_base, OPUS_TIME_BASE)
         packet.time_base = OPUS_TIME_BASE
@@ -224,3 +256,7 @@ def use_avatar_encoders(pc: RTCPeerConnection) -> None:
 def replace_encoder(sender: RTCRtpSender, encoder: Encoder) -> None:
     """aiortc makes a sender's encoder on the first frame and offers no setting for it."""
     sender._RTCRtpSender__encoder = encoder  # type: ignore[attr-defined]
+
+
+def current_encoder(sender: RTCRtpSender) -> Encoder | None:
+    return sender._RTCRtpSender__encoder  # type: ignore[attr-defined,no-any-return]

@@ -1,11 +1,14 @@
 """The aiortc and aioice internals this package relies on, checked once at start-up.
 
-aiortc offers no public setting for four things the server needs, so four places set a
-private attribute or replace a module function (each one says why):
+aiortc offers no public setting for five things the server needs, so these places set a
+private attribute, call or wrap a private method, or replace a module function (each one
+says why):
 
 - ``encoders.replace_encoder``: a sender's encoder (``RTCRtpSender.__encoder``);
 - ``encoders.prefer_h264``: a transceiver's negotiated codecs (``RTCRtpTransceiver._codecs``);
 - ``jitterbuffer.replace``: a receiver's jitter buffer (``RTCRtpReceiver.__jitter_buffer``);
+- ``feedback.VideoFeedback``: sees a sender's RTCP first (``RTCRtpSender._handle_rtcp_packet``)
+  and asks it for keyframes (``_send_keyframe``);
 - ``ice.restrict_host_addresses``: the host addresses aioice gathers
   (``aioice.ice.get_host_addresses``).
 
@@ -34,6 +37,11 @@ PRIVATE_ATTRIBUTES = (
     (RTCRtpReceiver, "_RTCRtpReceiver__jitter_buffer"),
     (RTCRtpTransceiver, "_codecs"),
 )
+#: (class, private method called or wrapped from outside)
+PRIVATE_METHODS = (
+    (RTCRtpSender, "_handle_rtcp_packet"),
+    (RTCRtpSender, "_send_keyframe"),
+)
 
 
 class AiortcMismatch(RuntimeError):
@@ -54,6 +62,8 @@ def missing() -> list[str]:
     """The internals the installed versions lack (empty: all there)."""
     gone = [f"{cls.__name__}.{attr}" for cls, attr in PRIVATE_ATTRIBUTES
             if not _assigned_by(cls, attr)]
+    gone += [f"{cls.__name__}.{name}" for cls, name in PRIVATE_METHODS
+             if not callable(getattr(cls, name, None))]
     if not callable(getattr(aioice.ice, "get_host_addresses", None)):
         gone.append("aioice.ice.get_host_addresses")
     return gone

@@ -90,28 +90,114 @@ def decode_audio_on_arrival(pc: RTCPeerConnection,
 
 
 class ArrivalRecordingBuffer(JitterBuffer):
-    """aiortc's own jitter buffer, noting when each frame's last packet came off the network.
+    """The client's receive buffer: frames in order, noting when each frame's last packet
+    came off the network, passing over lost packets as a browser does.
 
     A receiver's buffering delays audio and video by different amounts (audio is held back
-    ``prefetch`` packets, video one frame); a lip-syncing receiver undoes that with RTCP. The
-    network arrival times say what the sender put on the wire, independent of this
-    client's buffers.
+    ``prefetch`` packets, video until its frame is whole); a lip-syncing receiver undoes
+    that with RTCP. The network arrival times say what the sender put on the wire,
+    independent of this client's buffers.
+
+    aiortc's own buffer waits for a missing packet until its ring overflows: 16 packets
+    (320 ms) of audio, 512 packets (seconds) of video. A browser conceals a lost audio
+    packet when its turn to play comes (here: once ``prefetch`` later packets wait) and,
+    for video, waits for the retransmission a while (``VIDEO_WAIT_S``), then gives the
+    broken frame up and asks for a keyframe (PLI): after an outage that is what brings the
+    picture back. A video frame is whole when its packets run without a gap from the one
+    after the previous frame's last packet to a packet with the marker bit.
     """
 
-    def __init__(self, capacity: int, prefetch: int = 0, is_video: bool = False) -> None:
+    VIDEO_WAIT_S = 0.3  # a NACK's round trip on a slow link, and then some
+    PLI_EVERY_S = 0.5  # while frames stay broken, at most this often
+    MAX_HELD = 1024  # packets: a sender gone mad cannot grow this without bound
+
+    def __init__(self, capacity: int, prefetch: int = 0, is_video: bool = False,
+                 on_packet: Callable[[float, RtpPacket], None] | None = None) -> None:
         super().__init__(capacity, prefetch=prefetch, is_video=is_video)
-        self._arrived: dict[int, float] = {}
+        self._held: dict[int, tuple[float, RtpPacket]] = {}  # unwrapped seq -> packet
+        self._next: int | None = None  # unwrapped seq of the next packet to hand on
+        self._top = -1  # highest unwrapped seq seen
         self.frames_out: deque[float] = deque(maxlen=256)
+        self._on_packet = on_packet  # told of every packet too
+        self._stuck_since: float | None = None
+        self._last_pli = 0.0
+        self.skipped = 0  # packets given up as lost
+
+    def _unwrap(self, seq: int) -> int:
+        if self._top < 0:
+            return seq
+        return self._top + ((seq - self._top + 32768) % 65536 - 32768)
 
     def add(self, packet: RtpPacket) -> tuple[bool, JitterFrame | None]:
-        self._arrived[packet.timestamp] = time.perf_counter()
-        pli, frame = super().add(packet)
+        now = time.perf_counter()
+        if self._on_packet is not None:
+            self._on_packet(now, packet)
+        seq = self._unwrap(packet.sequence_number)
+        if self._next is None:
+            self._next = seq
+        if seq < self._next or seq in self._held:
+            return False, None  # late (given up already) or duplicated
+        self._held[seq] = (now, packet)
+        self._top = max(self._top, seq)
+        if len(self._held) > self.MAX_HELD:
+            self._next = min(self._held)
+        if self._is_video:
+            return self._video(now)
+        return False, self._audio()
+
+    def _audio(self) -> JitterFrame | None:
+        if len(self._held) <= self._prefetch:
+            return None
+        assert self._next is not None
+        seq = min(self._held)  # its turn has come: what is missing before it is lost
+        self.skipped += seq - self._next
+        arrived, packet = self._held.pop(seq)
+        self._next = seq + 1
+        return self._release(arrived, [packet])
+
+    def _video(self, now: float) -> tuple[bool, JitterFrame | None]:
+        frame = self._whole_frame()
         if frame is not None:
-            arrived = self._arrived.pop(frame.timestamp, time.perf_counter())
-            if len(self._arrived) > 512:  # timestamps of frames that never completed
-                self._arrived.clear()
-            self.frames_out.append(arrived)
+            self._stuck_since = None
+            return False, frame
+        self._stuck_since = self._stuck_since or now
+        if now - self._stuck_since < self.VIDEO_WAIT_S:
+            return False, None
+        # give the broken frame up: resume after the next marker that a packet follows
+        assert self._next is not None
+        for seq in sorted(s for s in self._held if self._held[s][1].marker):
+            if seq + 1 in self._held:
+                self.skipped += seq + 1 - self._next - sum(1 for s in self._held if s <= seq)
+                for s in [s for s in self._held if s <= seq]:
+                    del self._held[s]
+                self._next = seq + 1
+                break
+        pli = now - self._last_pli >= self.PLI_EVERY_S
+        if pli:
+            self._last_pli = now
+        frame = self._whole_frame()
+        if frame is not None:
+            self._stuck_since = None
         return pli, frame
+
+    def _whole_frame(self) -> JitterFrame | None:
+        """The next frame, if all its packets are in."""
+        assert self._next is not None
+        seq, packets = self._next, []
+        while seq in self._held:
+            packets.append(self._held[seq])
+            if self._held[seq][1].marker:
+                for s in range(self._next, seq + 1):
+                    del self._held[s]
+                self._next = seq + 1
+                return self._release(packets[-1][0], [p for _, p in packets])
+            seq += 1
+        return None
+
+    def _release(self, arrived: float, packets: list[RtpPacket]) -> JitterFrame:
+        self.frames_out.append(arrived)
+        data = b"".join(p._data for p in packets)  # type: ignore[attr-defined]
+        return JitterFrame(data=data, timestamp=packets[0].timestamp)
 
 
 class PacketTap(JitterBuffer):
@@ -130,10 +216,12 @@ class PacketTap(JitterBuffer):
 def record_arrivals(
     pc: RTCPeerConnection, audio_prefetch: int | None = None,
     taps: dict[str, Callable[[float, RtpPacket], None]] | None = None,
+    watch: dict[str, Callable[[float, RtpPacket], None]] | None = None,
 ) -> dict[str, ArrivalRecordingBuffer]:
     """Swap each receiver's jitter buffer for a recording one with the same settings (or
-    ``audio_prefetch`` audio packets held back instead of aiortc's 4); a kind named in
-    ``taps`` gets a PacketTap instead (and is not in the answer)."""
+    ``audio_prefetch`` audio packets held back instead of aiortc's 4), that tells
+    ``watch[kind]`` of each packet; a kind named in ``taps`` gets a PacketTap instead (and
+    is not in the answer)."""
     buffers = {}
     for transceiver in pc.getTransceivers():
         kind = transceiver.kind
@@ -143,7 +231,8 @@ def record_arrivals(
         old = current(transceiver.receiver)
         prefetch = audio_prefetch if kind == "audio" and audio_prefetch is not None \
             else old._prefetch
-        new = ArrivalRecordingBuffer(old.capacity, prefetch, old._is_video)
+        new = ArrivalRecordingBuffer(old.capacity, prefetch, old._is_video,
+                                     (watch or {}).get(kind))
         replace(transceiver.receiver, new)
         buffers[kind] = new
     return buffers

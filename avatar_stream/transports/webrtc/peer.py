@@ -23,6 +23,7 @@ from avatar_stream.core.session import Session
 from avatar_stream.media import Event
 from avatar_stream.transports.protocol import SpeechProtocol
 from avatar_stream.transports.webrtc.encoders import prefer_h264, use_avatar_encoders
+from avatar_stream.transports.webrtc.feedback import VideoFeedback, watch_video_feedback
 from avatar_stream.transports.webrtc.ice import filter_candidates, rtc_configuration
 from avatar_stream.transports.webrtc.jitterbuffer import decode_audio_on_arrival
 from avatar_stream.transports.webrtc.tracks import TrackSink
@@ -47,6 +48,7 @@ class WebRTCPeer:
         self.video, self.audio = self.sink.video, self.sink.audio
         self.channel: RTCDataChannel | None = None
         self._resample = Resampler()
+        self.feedback: list[VideoFeedback] = []
         self._ready_sent = False
         session.transport = self
         session.listeners.append(self._to_channel)
@@ -88,6 +90,7 @@ class WebRTCPeer:
         answer = await self.pc.createAnswer()
         await self.pc.setLocalDescription(answer)
         use_avatar_encoders(self.pc)
+        self.feedback = watch_video_feedback(self.pc)
         return self.pc.localDescription.sdp
 
     def _wire_events(self) -> None:
