@@ -22,47 +22,12 @@ import sys
 import tempfile
 import time
 import traceback
-import urllib.request
 
 from playwright.sync_api import sync_playwright
 
-CHROMIUM = "/usr/bin/chromium"
-
-
-def chromium_args(wav: str | None) -> list[str]:
-    args = [
-        "--no-sandbox",
-        "--disable-gpu",
-        "--disable-quic",
-        "--no-first-run",
-        "--disable-background-networking",
-        "--disable-component-update",
-        "--disable-sync",
-        "--use-fake-ui-for-media-stream",
-        "--use-fake-device-for-media-stream",
-        "--autoplay-policy=no-user-gesture-required",
-        # Without this Chromium gathers no ICE candidates on a namespace that only has lo.
-        "--allow-loopback-in-peer-connection",
-    ]
-    if wav:
-        args.append(f"--use-file-for-fake-audio-capture={wav}")
-    return args
-
-
-def wait_healthy(base: str, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            with urllib.request.urlopen(base + "/healthz", timeout=2) as r:
-                if r.status == 200:
-                    return
-                last = f"HTTP {r.status}"
-        except Exception as e:  # noqa: BLE001 - still starting
-            last = repr(e)
-        time.sleep(0.25)
-    raise TimeoutError(f"{base}/healthz not 200 after {timeout} s ({last})")
-
+# shared with the benchmark's browser client (``bench --client chromium``)
+from avatar_stream.bench.browser import CHROMIUM, chromium_args
+from avatar_stream.bench.runner import wait_healthy
 
 # Read the counters the page keeps on window.avatarClient, with the page's own clock.
 SNAPSHOT_JS = """() => {
