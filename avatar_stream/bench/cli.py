@@ -24,7 +24,7 @@ import av
 import numpy as np
 import soxr
 
-from avatar_stream.bench import browser, impaired, report
+from avatar_stream.bench import browser, impaired, report, soak
 from avatar_stream.bench.machine import CpuMeter, CpuShare, listening_pid, split_meters
 from avatar_stream.bench.runner import SessionResult, progress_printer, run_session, server_or_url
 from avatar_stream.client.avatarclient import AUDIO_PREFETCH, MIC_RATE
@@ -69,6 +69,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--ice-host-addresses", default="127.0.0.1",
                    help="ICE host addresses for the in-process server and the clients")
     browser.add_arguments(p)
+    soak.add_arguments(p)
     impaired.add_arguments(p)
     p.add_argument("--json", type=Path, help="write every raw sample here")
     p.add_argument("--plot", type=Path, help="write latency distributions and a timeline (PNG)")
@@ -152,7 +153,10 @@ async def _sessions(url: str, speech: np.ndarray, which: range, n: int,
                     interrupt_every=args.interrupt_every, load=i >= measured,
                     hosts=parse_addresses(args.ice_host_addresses),
                     audio_buffer=args.audio_buffer,
-                    record_face=i == 0, progress=show if i == 0 else None,
+                    # a soak's hours of face crops would not fit in memory
+                    record_face=i == 0 and not getattr(args, "soak", 0),
+                    idle_every=4 if getattr(args, "soak", 0) else 0,
+                    progress=show if i == 0 else None,
                     label=f"[{n} session{'s' if n > 1 else ''}] ")
         for i in which
     )))
@@ -170,6 +174,12 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {"speech_s": len(speech) / MIC_RATE, "duration_s": args.duration}
     if args.find_capacity:
         out["capacity"] = await find_capacity(args, speech, hosts)
+        return out
+    if args.soak:
+        print(f"bench: soak, {args.sessions} session(s) x {args.soak:.0f} s", file=sys.stderr)
+        with client_processes(True) as clients:
+            async with server_or_url(args.url, args.engine, hosts, own_process=True) as url:
+                out.update(await soak.soak(args, url, speech, clients))
         return out
     if impaired.wanted(args):
         if args.url:
@@ -337,6 +347,10 @@ def main(args: argparse.Namespace) -> int:
         cap = out["capacity"]
         print()
         print("\n".join(capacity_lines(cap)))
+    elif "soak" in out:
+        print("\n".join(soak.lines(out["soak"])))
+        if out.get("cpu"):
+            print(f"this machine: {out['cpu'].describe()}")
     else:
         print()
         print(report.table(out["summary"], out.get("baseline"),
@@ -356,7 +370,9 @@ def main(args: argparse.Namespace) -> int:
     if args.json:
         report.write_json(args.json, out)
         print(f"raw samples: {args.json}")
-    if args.plot and "sessions" in out:
+    if args.plot and "soak" in out:
+        soak.plot(args.plot, out)
+    elif args.plot and "sessions" in out:
         report.plot(args.plot, out["sessions"], out.get("baseline_sessions"))
         print(f"plot: {args.plot}")
     print(f"({time.perf_counter() - t:.0f} s)", file=sys.stderr)

@@ -84,6 +84,8 @@ async def run_session(
     audio_buffer: int = AUDIO_PREFETCH,
     progress: Callable[[str], None] | None = None,
     label: str = "",
+    idle_every: int = 0,
+    idle_s: float = 8.0,
 ) -> SessionResult:
     """One session as a user would hold it; returns the raw measurements.
 
@@ -92,7 +94,8 @@ async def run_session(
     front-end; its latency counts from the post. A ``load`` session decodes nothing while
     it runs (see ``AvatarClient``'s ``decode_video`` and ``decode_audio``): it has no mouth
     figures, and its audio is decoded after it closed, as a receiver holding
-    ``audio_buffer`` packets back would have played it.
+    ``audio_buffer`` packets back would have played it. ``idle_every``: after every so many
+    clips the session idles ``idle_s`` longer (a listening avatar).
     """
     clip_s = len(speech) / MIC_RATE
     script = Script(mode=mode)
@@ -123,6 +126,9 @@ async def run_session(
                 await asyncio.sleep(PAUSE_S)
             else:
                 await asyncio.sleep(clip_s + PAUSE_S)
+            if idle_every and n % idle_every == 0:
+                await asyncio.sleep(min(idle_s, max(0.0, duration - (time.perf_counter() - t0)
+                                                    - clip_s - PAUSE_S)))
             if progress:
                 progress(f"{label}{time.perf_counter() - t0:5.1f}/{duration:.0f} s, "
                          f"{len(client.received.video_t)} frames")
@@ -185,7 +191,8 @@ def measure(client: AvatarClient, script: Script, speech: np.ndarray) -> Session
         if np.isfinite(alag) and np.isfinite(vlag) and ar >= 0.5 and vr >= 0.5:
             offsets.append(alag - vlag)
     vt = np.asarray(rec.video_t)
-    intervals = np.diff(vt).tolist() if len(vt) > 1 else []
+    played = vt[vt <= script.end] if script.end else vt  # not the closing's last frames
+    intervals = np.diff(played).tolist() if len(played) > 1 else []
     lips = None
     if lips_signal is not None and len(echo):
         # the face rig's lip gap on each received frame, as lipsync measures rendered clips

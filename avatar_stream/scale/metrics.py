@@ -7,6 +7,7 @@ Timings (engine step, encode) are histograms observed as they happen.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterable, Iterator
 from dataclasses import fields
 from typing import TYPE_CHECKING
@@ -117,3 +118,9 @@ class _SessionCollector(Collector):
         yield queue
         yield skew
         yield reserve
+        try:  # (the soak benchmark watches this for a leak)
+            tasks = len(asyncio.all_tasks())
+        except RuntimeError:  # collected off the event loop: nothing to count
+            return
+        yield GaugeMetricFamily("avatar_event_loop_tasks",
+                                "Tasks alive on this process's event loop.", tasks)
