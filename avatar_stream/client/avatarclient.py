@@ -148,6 +148,9 @@ class AvatarClient(SessionCalls):
     ``token`` is the session token from the server (for this session's calls);
     ``api_key`` is needed to create a session on a server that has one.
     ``audio_prefetch``: audio packets (20 ms each) held back to reorder before playing.
+    ``on_frame(frame, arrived)`` gets every decoded video and audio frame as it comes (a
+    relay into another pipeline); with ``record=False`` nothing is kept in ``received``,
+    so a long session holds no memory per frame.
     """
 
     def __init__(
@@ -163,6 +166,8 @@ class AvatarClient(SessionCalls):
         api_key: str | None = None,
         audio_prefetch: int = AUDIO_PREFETCH,
         video_codecs: list[str] | None = None,
+        record: bool = True,
+        on_frame: Callable[[av.VideoFrame | av.AudioFrame, float], None] | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
         self.audio_prefetch = audio_prefetch
@@ -180,6 +185,8 @@ class AvatarClient(SessionCalls):
         self.record_face = record_face
         self.decode_video = decode_video  # False: only note when each frame arrived
         self.video_codecs = video_codecs  # e.g. ["video/VP8"]: offer only these (default: all)
+        self.record = record
+        self.on_frame = on_frame
         self._last_rtp: int | None = None
         self.connect_started: float | None = None
         self.first_frame_at: float | None = None
@@ -242,7 +249,8 @@ class AvatarClient(SessionCalls):
         def on_message(message: str | bytes) -> None:
             if isinstance(message, str):
                 event = json.loads(message)
-                self.received.events.append((time.perf_counter(), event))
+                if self.record:
+                    self.received.events.append((time.perf_counter(), event))
                 self._sender.on_message(event)
                 self.hub.publish(event)
                 with contextlib.suppress(asyncio.QueueFull):
@@ -297,6 +305,12 @@ class AvatarClient(SessionCalls):
             now = time.perf_counter()
             arrivals = self._arrivals.get(track.kind)
             net_t = arrivals.frames_out.popleft() if arrivals and arrivals.frames_out else now
+            if self.on_frame is not None:
+                self.on_frame(frame, now)
+            if not self.record:
+                if self.first_frame_at is None and isinstance(frame, av.VideoFrame):
+                    self.first_frame_at = now
+                continue
             if isinstance(frame, av.VideoFrame):
                 if self.first_frame_at is None:
                     self.first_frame_at = now

@@ -1,0 +1,188 @@
+"""The Pipecat adapters against a real avatar-stream server on loopback (warp engine), in real
+Pipecat pipelines run by Pipecat's own test runner, with a real TTS service class speaking
+espeak-ng speech: the relay's frames reach the pipeline lip-synced at 25 fps with the speech
+back in order, a barge-in cuts the speech at the server at once, and nothing is left behind
+when the pipeline ends."""
+
+from __future__ import annotations
+
+import asyncio
+import threading
+import time
+from collections.abc import Callable
+
+import numpy as np
+import pytest
+import pytest_asyncio
+from pipecat.frames.frames import (
+    BotSpeakingFrame,
+    BotStartedSpeakingFrame,
+    BotStoppedSpeakingFrame,
+    InterruptionFrame,
+    OutputAudioRawFrame,
+    OutputImageRawFrame,
+    TTSAudioRawFrame,
+    TTSSpeakFrame,
+    TTSStartedFrame,
+    TTSStoppedFrame,
+)
+from pipecat.pipeline.pipeline import Pipeline
+from pipecat.processors.frame_processor import FrameDirection
+from pipecat.tests.utils import SleepFrame, run_test
+from pipecat_parts import EspeakTTSService, Recorder
+from speechtools import envelope_match, until
+
+from avatar_stream.bench.lipsync import measure_lipsync
+from avatar_stream.config import ServerConfig
+from avatar_stream.integrations.pipecat import AvatarStreamVideoService
+from avatar_stream.transports.http.app import running_server
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(150)]
+
+FIRST = "Good morning. The weather today is bright and sunny, with a light breeze."
+SECOND = "Would you like to hear more about it?"
+LONG = ("Let me tell you a long story about a lighthouse keeper who lived alone on a rocky "
+        "island, far out at sea, and kept the lamp burning every night for forty years.")
+
+
+@pytest_asyncio.fixture(loop_scope="module", scope="module")
+async def server():
+    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
+                          max_sessions=4)
+    async with running_server(config) as (url, state):
+        yield url, state
+
+
+def relay(url: str) -> AvatarStreamVideoService:
+    return AvatarStreamVideoService(url=url, ice_host_addresses=["127.0.0.1"])
+
+
+def spy_on_audio(state, session_id: str, sent: list[tuple[float, float]],
+                 then: Callable[[], None] | None = None) -> None:
+    """Note every 20 ms of audio the server sends for the session in ``sent``, as
+    (perf_counter, rms), when the session's pacer hands it over; ``then()`` after each."""
+    sink = state.sessions[session_id].sync.sink
+    send = sink.send_audio
+
+    def spy(samples: np.ndarray, start: int) -> None:
+        x = samples.astype(np.float32) / 32768.0
+        sent.append((time.perf_counter(), float(np.sqrt(np.mean(x * x)))))
+        send(samples, start)
+        if then is not None:
+            then()
+
+    sink.send_audio = spy
+
+
+# threads that pools grow on demand and keep: the server's engine pool, asyncio's executor
+POOLS = ("engine", "asyncio_")
+
+
+def leftovers(threads_before: set[str]) -> set[str]:
+    """Threads started since, other than pool threads (the relay's own converter thread and
+    aiortc's per-track codec threads must all be gone)."""
+    now = {t.name for t in threading.enumerate()}
+    return {name for name in now - threads_before if not name.startswith(POOLS)}
+
+
+async def test_relay_frames_are_lip_synced_at_25_fps_with_the_speech_in_order(server) -> None:
+    url, state = server
+    threads_before = {t.name for t in threading.enumerate()}
+    tts, tap, avatar, out = EspeakTTSService(), Recorder(), relay(url), Recorder()
+    down, _ = await run_test(
+        Pipeline([tts, tap, avatar, out]),
+        frames_to_send=[TTSSpeakFrame(FIRST), TTSSpeakFrame(SECOND)],
+        start_timeout=30,
+    )
+    # the TTS spoke two contexts; none of its audio went past the relay, the avatar's did
+    contexts = [f.context_id for _, f in tap.of(TTSStartedFrame)]
+    assert len(contexts) == 2 and [f.context_id for _, f in tap.of(TTSStoppedFrame)] == contexts
+    assert not [f for f in down if isinstance(f, (TTSAudioRawFrame, TTSStoppedFrame))]
+    assert [f.context_id for f in down if isinstance(f, TTSStartedFrame)] == contexts
+
+    images = out.of(OutputImageRawFrame)
+    audio = out.of(OutputAudioRawFrame)
+    started = out.of(BotStartedSpeakingFrame)
+    stopped = out.of(BotStoppedSpeakingFrame)
+    assert started and stopped and out.of(BotSpeakingFrame)
+    assert tap.of(BotStartedSpeakingFrame, FrameDirection.UPSTREAM)  # the TTS hears it too
+    t0, t1 = started[0][0], stopped[-1][0]
+    assert all(f.size == (512, 512) and f.format == "RGB" for _, f in images)
+    speaking = [t for t, _ in images if t0 <= t <= t1]
+    fps = (len(speaking) - 1) / (speaking[-1] - speaking[0])
+    print(f"relay: {len(images)} frames, {fps:.1f} fps while speaking ({t1 - t0:.1f} s)")
+    assert 23.5 <= fps <= 26.5
+
+    # the speech came back, both replies, in order, each where it should be
+    pcm = np.concatenate([np.frombuffer(f.audio, np.int16) for _, f in audio])
+    rate = audio[0][1].sample_rate
+    got = pcm.astype(np.float32) / 32768.0
+    offsets = []
+    for context in contexts:
+        samples, sr = tts.spoken[context]
+        offset, r = envelope_match(samples, sr, got, rate)
+        print(f"relay: reply {context} back at {offset:.2f} s, envelope r={r:.3f}")
+        assert r >= 0.85
+        offsets.append((offset, len(samples) / sr))
+    assert offsets[0][0] + offsets[0][1] - 0.1 <= offsets[1][0]
+
+    # and the lips move with it, as the pipeline's transport would show them
+    first_audio_t = audio[0][0] - len(audio[0][1].audio) / 2 / rate
+    frames = [np.frombuffer(f.image, np.uint8).reshape(512, 512, 3) for t, f in images
+              if t0 <= t <= t1]
+    sync = measure_lipsync(frames, np.array(speaking), got, rate, speech_t0=first_audio_t)
+    print(f"relay: {sync}")
+    assert sync.r >= 0.7 and abs(sync.lag_s) <= 0.08, sync
+
+    # nothing left: the session is gone from the server, the relay's threads are back
+    assert avatar.client is None
+    assert await until(lambda: not state.sessions, 10), list(state.sessions)
+    assert await until(lambda: not leftovers(threads_before), 10), leftovers(threads_before)
+
+
+async def test_relay_barge_in_cuts_the_speech_at_the_server_and_the_next_reply_plays(
+        server) -> None:
+    url, state = server
+    avatar = relay(url)
+    sent: list[tuple[float, float]] = []  # the server's audio: (time, rms) per 20 ms
+    cut_at: list[float] = []
+    tasks: list[asyncio.Task[None]] = []
+
+    class BargeIn(Recorder):
+        """Spies on the server's audio once the relay has its session, and barges in (an
+        InterruptionFrame both ways, as Pipecat's user turn processor does) mid-word, one
+        second into the reply."""
+
+        def watch(self) -> None:
+            loud = [t for t, rms in sent if rms > 0.02]
+            if not cut_at and loud and loud[-1] - loud[0] >= 1.0 and \
+                    all(rms > 0.02 for _, rms in sent[-3:]):
+                cut_at.append(time.perf_counter())
+                tasks.append(asyncio.create_task(self.broadcast_frame(InterruptionFrame)))
+
+        async def process_frame(self, frame, direction):
+            if isinstance(frame, TTSStartedFrame) and not self.of(TTSStartedFrame):
+                spy_on_audio(state, avatar.client.session_id, sent, self.watch)
+            await super().process_frame(frame, direction)
+
+    tts, tap, out = EspeakTTSService(), BargeIn(), Recorder()
+    await run_test(
+        Pipeline([tts, tap, avatar, out]),
+        frames_to_send=[TTSSpeakFrame(LONG), SleepFrame(4.0), TTSSpeakFrame(SECOND)],
+        start_timeout=30,
+    )
+    await asyncio.gather(*tasks)
+    assert cut_at, "the reply never played for a second"
+    t_cut = cut_at[0]
+    next_reply = tap.of(TTSStartedFrame)[1][0]
+    after = [(t, rms) for t, rms in sent if t_cut < t < next_reply]
+    # the first quiet 20 ms after the barge-in, and nothing loud after it until the next reply
+    quiet = next(t for t, rms in after if rms < 0.001)
+    assert not [t for t, rms in after if t > quiet and rms > 0.001]
+    cut_s = quiet - t_cut
+    print(f"relay: barge-in (mid-word) -> silence at the server in {1000 * cut_s:.0f} ms")
+    assert cut_s <= 0.1
+    # the pipeline heard the avatar stop, and the next reply played
+    assert any(t_cut <= t <= t_cut + 0.5 for t, _ in out.of(BotStoppedSpeakingFrame))
+    assert [t for t, rms in sent if t > next_reply and rms > 0.02]
+    assert await until(lambda: not state.sessions, 10)
