@@ -39,6 +39,7 @@ from avatar_stream.client.sessioncontrol import (
     stream_pcm16,
 )
 from avatar_stream.config import IceServer
+from avatar_stream.core.turnstate import check_state
 from avatar_stream.media import OUT_RATE
 from avatar_stream.transports.webrtc.encoders import OpusPacketEncoder, use_avatar_encoders
 from avatar_stream.transports.webrtc.ice import (
@@ -151,6 +152,8 @@ class AvatarClient(SessionCalls):
     ``on_frame(frame, arrived)`` gets every decoded video and audio frame as it comes (a
     relay into another pipeline); with ``record=False`` nothing is kept in ``received``,
     so a long session holds no memory per frame.
+    ``microphone``: ``"speak"`` (the server's default: the avatar says what ``mic`` plays)
+    or ``"listen"`` (``mic`` is the user's voice: the avatar listens while it speaks).
     """
 
     def __init__(
@@ -168,8 +171,10 @@ class AvatarClient(SessionCalls):
         video_codecs: list[str] | None = None,
         record: bool = True,
         on_frame: Callable[[av.VideoFrame | av.AudioFrame, float], None] | None = None,
+        microphone: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.microphone = microphone
         self.audio_prefetch = audio_prefetch
         self.api_key = api_key
         self.token: str | None = None
@@ -261,6 +266,8 @@ class AvatarClient(SessionCalls):
         body: dict[str, Any] = {"type": "offer", "sdp": self.pc.localDescription.sdp}
         if self.avatar:
             body["avatar"] = self.avatar
+        if self.microphone:
+            body["microphone"] = self.microphone
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         async with self._http.post(f"{self.base_url}/v1/sessions", json=body,
                                    headers=headers) as resp:
@@ -354,6 +361,20 @@ class AvatarClient(SessionCalls):
         """Barge in over the data channel; returns when it was sent."""
         self.send({"type": "interrupt"})
         return time.perf_counter()
+
+    async def set_state(self, state: str, via: str = "datachannel") -> None:
+        """The turn state: ``listening`` (the user speaks), ``thinking`` (the reply is on
+        its way) or ``idle``. Speech shows over it; ``thinking`` ends when speech starts.
+        Over the data channel (default, ordered with the speech sent there) or HTTP; a
+        ``state.changed`` event follows when what the face shows changes. ValueError for
+        another state (checked here, so the server never has to refuse it)."""
+        check_state(state)
+        if via == "datachannel":
+            self.send({"type": "state", "state": state})
+        elif via == "http":
+            await self.set_state_http(state)
+        else:
+            raise ValueError("via must be 'datachannel' or 'http'")
 
     # -- pushed speech -------------------------------------------------------------------
 
