@@ -312,7 +312,7 @@ class AvatarClient(SessionCalls):
             now = time.perf_counter()
             arrivals = self._arrivals.get(track.kind)
             net_t = arrivals.frames_out.popleft() if arrivals and arrivals.frames_out else now
-            if self.on_frame is not None:
+            if self.on_frame is not None and isinstance(frame, av.VideoFrame | av.AudioFrame):
                 self.on_frame(frame, now)
             if not self.record:
                 if self.first_frame_at is None and isinstance(frame, av.VideoFrame):

@@ -91,7 +91,7 @@ class _AvatarSpeechProcessor(AIService):
 
     # -- lifecycle --------------------------------------------------------------------
 
-    async def setup(self, setup: FrameProcessorSetup) -> None:
+    async def setup(self, setup: FrameProcessorSetup) -> None:  # type: ignore[override]
         """Connect to the avatar session (Pipecat sets processors up concurrently)."""
         await super().setup(setup)
         link = await self._connect()

@@ -242,10 +242,10 @@ class SegmentSender:
         if self.segments.get(segment.id) is not segment:
             return  # finished already: exactly once
         del self.segments[segment.id]
-        if not self.segments:
-            self._idle.set()
         if self.on_finished is not None:
             await _call(self.on_finished, segment, position_s, interrupted)
+        if not self.segments:
+            self._idle.set()  # after the callback: drain() returns once it has run
 
     async def _finish_all(self) -> None:
         for segment in list(self.segments.values()):

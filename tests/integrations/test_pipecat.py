@@ -25,16 +25,26 @@ from pipecat.frames.frames import (
     TTSSpeakFrame,
     TTSStartedFrame,
     TTSStoppedFrame,
+    UserStartedSpeakingFrame,
+    UserStoppedSpeakingFrame,
 )
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.tests.utils import SleepFrame, run_test
 from pipecat_parts import EspeakTTSService, Recorder
-from speechtools import envelope_match, until
+from speechtools import (
+    AUDIO_AFTER_EVENT_S,
+    envelope_match,
+    events,
+    received_between,
+    until,
+    utterance_window,
+)
 
 from avatar_stream.bench.lipsync import measure_lipsync
+from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.config import ServerConfig
-from avatar_stream.integrations.pipecat import AvatarStreamVideoService
+from avatar_stream.integrations.pipecat import AvatarStreamSessionDriver, AvatarStreamVideoService
 from avatar_stream.transports.http.app import running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(150)]
@@ -186,3 +196,54 @@ async def test_relay_barge_in_cuts_the_speech_at_the_server_and_the_next_reply_p
     assert any(t_cut <= t <= t_cut + 0.5 for t, _ in out.of(BotStoppedSpeakingFrame))
     assert [t for t, rms in sent if t > next_reply and rms > 0.02]
     assert await until(lambda: not state.sessions, 10)
+
+
+async def test_driver_speaks_through_the_browsers_session_and_sets_turn_states(server) -> None:
+    """The browser-direct shape: an aiortc client stands in for the browser that holds and
+    watches the session; the pipeline drives it with the session id and token only."""
+    url, state = server
+    async with AvatarClient(url, record_mouth=False) as browser:
+        shown: list[tuple[float, str]] = []
+        state.sessions[browser.session_id].listeners.append(
+            lambda e: shown.append((time.perf_counter(), e["state"]))
+            if e["type"] == "state.changed" else None)
+        driver = AvatarStreamSessionDriver(url=url, session_id=browser.session_id,
+                                           token=browser.token)
+        tts, tap, out = EspeakTTSService(), Recorder(), Recorder()
+        down, _ = await run_test(
+            Pipeline([tts, tap, driver, out]),
+            frames_to_send=[UserStartedSpeakingFrame(), SleepFrame(0.4),
+                            UserStoppedSpeakingFrame(), SleepFrame(0.4),
+                            TTSSpeakFrame(FIRST), TTSSpeakFrame(SECOND)],
+            start_timeout=30,
+        )
+        rec = browser.received
+        assert await until(lambda: len(events(rec, "speech.finished")) >= 2, 10)
+        await asyncio.sleep(AUDIO_AFTER_EVENT_S)  # the last frame's audio, after its event
+        assert browser.session_id in state.sessions  # the browser's session outlives the bot
+
+    contexts = [f.context_id for _, f in tap.of(TTSStartedFrame)]
+    assert len(contexts) == 2
+    # the TTS audio stopped at the driver; the TTS frames around it went on
+    assert not [f for f in down if isinstance(f, TTSAudioRawFrame)]
+    assert [f.context_id for f in down if isinstance(f, TTSStoppedFrame)] == contexts
+    # the utterances are the TTS contexts, spoken in order, in full
+    finished = [e for _, e in events(rec, "speech.finished")]
+    assert [e["utterance_id"] for e in finished] == contexts
+    assert not any(e["interrupted"] for e in finished)
+    for context, e in zip(contexts, finished, strict=True):
+        samples, sr = tts.spoken[context]
+        assert e["position_s"] == pytest.approx(len(samples) / sr, abs=0.05)
+        t0, t1, _ = utterance_window(rec, context)
+        offset, r = envelope_match(samples, sr, received_between(rec, t0, t1 + 0.5))
+        assert r >= 0.85, (context, r)
+    # the pipeline heard the bot speak when the browser did (the events, ~at once)
+    (t_start, _), = events(rec, "speech.started", contexts[0])
+    bot_started = out.of(BotStartedSpeakingFrame)[0][0]
+    assert abs(bot_started - t_start) < 0.1
+    assert out.of(BotStoppedSpeakingFrame)[-1][0] >= events(rec, "speech.finished")[-1][0]
+    # the face: listening while the user spoke, thinking until the reply, then speaking
+    states = [s for _, s in shown]
+    print(f"driver: states shown {states}")
+    assert states[:3] == ["listening", "thinking", "speaking"] and states[-1] == "idle"
+    assert "thinking" not in states[3:]  # the answer came: not thinking again after it
