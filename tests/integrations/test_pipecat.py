@@ -247,3 +247,73 @@ async def test_driver_speaks_through_the_browsers_session_and_sets_turn_states(s
     print(f"driver: states shown {states}")
     assert states[:3] == ["listening", "thinking", "speaking"] and states[-1] == "idle"
     assert "thinking" not in states[3:]  # the answer came: not thinking again after it
+
+
+async def test_relay_through_pipecats_smallwebrtc_transport_reaches_a_webrtc_viewer(
+        server) -> None:
+    """The relay's whole point: the bot's own transport carries the avatar. Here that is
+    Pipecat's SmallWebRTC transport, and a WebRTC peer (aiortc) is the user at the other end:
+    it receives the avatar's video and voice from the bot, not from avatar-stream."""
+    from aiortc import RTCPeerConnection, RTCSessionDescription
+    from aiortc.mediastreams import MediaStreamError
+    from pipecat.transports.base_transport import TransportParams
+    from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
+    from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
+
+    from avatar_stream.audio.resample import frame_to_mono
+    from avatar_stream.transports.webrtc.ice import filter_candidates, rtc_configuration
+
+    url, state = server
+    viewer = RTCPeerConnection(rtc_configuration([]))
+    viewer.addTransceiver("audio", direction="recvonly")
+    viewer.addTransceiver("video", direction="recvonly")
+    viewer.createDataChannel("pipecat")
+    video_t: list[float] = []
+    audio: list[tuple[float, np.ndarray]] = []
+    readers: list[asyncio.Task[None]] = []
+
+    async def read(track) -> None:
+        while True:
+            try:
+                frame = await track.recv()
+            except MediaStreamError:
+                return
+            if track.kind == "video":
+                video_t.append(time.perf_counter())
+            else:
+                audio.append((time.perf_counter(), frame_to_mono(frame)))
+
+    viewer.on("track", lambda track: readers.append(asyncio.create_task(read(track))))
+    await viewer.setLocalDescription(await viewer.createOffer())
+    connection = SmallWebRTCConnection()
+    await connection.initialize(sdp=viewer.localDescription.sdp, type="offer")
+    answer = connection.get_answer()
+    await viewer.setRemoteDescription(RTCSessionDescription(
+        sdp=filter_candidates(answer["sdp"], ["127.0.0.1"]), type="answer"))
+    transport = SmallWebRTCTransport(connection, TransportParams(
+        audio_out_enabled=True, video_out_enabled=True, video_out_is_live=True,
+        video_out_width=512, video_out_height=512, video_out_framerate=25))
+    tts, avatar, out = EspeakTTSService(), relay(url), Recorder()
+    try:
+        await run_test(
+            Pipeline([tts, avatar, transport.output(), out]),
+            frames_to_send=[SleepFrame(1.0), TTSSpeakFrame(FIRST)],
+            start_timeout=30,
+        )
+    finally:
+        for task in readers:
+            task.cancel()
+        await viewer.close()
+        await asyncio.gather(*readers, return_exceptions=True)
+    t0 = out.of(BotStartedSpeakingFrame)[0][0]
+    t1 = out.of(BotStoppedSpeakingFrame)[-1][0]
+    during = [t for t in video_t if t0 <= t <= t1]
+    fps = (len(during) - 1) / (during[-1] - during[0])
+    got = np.concatenate([a for _, a in audio])
+    (context, (samples, rate)), = tts.spoken.items()
+    offset, r = envelope_match(samples, rate, got)
+    print(f"smallwebrtc viewer: {len(video_t)} frames, {fps:.1f} fps while the avatar spoke, "
+          f"its voice back with envelope r={r:.3f}")
+    assert fps >= 22
+    assert r >= 0.8
+    assert await until(lambda: not state.sessions, 10)
