@@ -22,15 +22,24 @@ import contextlib
 import time
 
 from livekit import rtc
-from livekit.agents import AgentSession
+from livekit.agents import (
+    DEFAULT_API_CONNECT_OPTIONS,
+    AgentSession,
+    APIConnectOptions,
+    APIStatusError,
+    tts,
+    utils,
+)
 from livekit.agents.voice.events import AgentStateChangedEvent, UserStateChangedEvent
 from livekit.agents.voice.io import AudioOutput, AudioOutputCapabilities
 
-from avatar_stream.client.sessioncontrol import SessionControl
+from avatar_stream.audio.resample import Resampler
+from avatar_stream.audio.tts import TTS, EspeakTTS, TTSError
+from avatar_stream.client.sessioncontrol import SessionControl, to_pcm16
 from avatar_stream.integrations.segments import Link, Segment, SegmentSender
 from avatar_stream.integrations.turns import TurnStates
 
-__all__ = ["AvatarSession", "AvatarStreamAudioOutput"]
+__all__ = ["AvatarSession", "AvatarStreamAudioOutput", "AvatarStreamTTS"]
 
 
 class AvatarStreamAudioOutput(AudioOutput):
@@ -145,3 +154,44 @@ class AvatarSession:
     def _agent_state(self, event: AgentStateChangedEvent) -> None:
         assert self.turns is not None
         self.turns.thinking(event.new_state == "thinking")
+
+
+class AvatarStreamTTS(tts.TTS):
+    """A LiveKit TTS over avatar-stream's own TTS backends (``audio/tts.py``: espeak-ng,
+    offline, by default; or ``OpenAITTS``, any OpenAI-compatible ``/v1/audio/speech``
+    endpoint): a voice for trying an avatar without a TTS provider. Mono PCM at
+    ``sample_rate``, resampled from whatever the backend makes."""
+
+    def __init__(self, backend: TTS | None = None, *, voice: str | None = None,
+                 sample_rate: int = 24_000) -> None:
+        super().__init__(capabilities=tts.TTSCapabilities(streaming=False),
+                         sample_rate=sample_rate, num_channels=1)
+        self.backend = backend or EspeakTTS()
+        self.voice = voice
+
+    def synthesize(self, text: str, *,
+                   conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
+                   ) -> tts.ChunkedStream:
+        return _BackendStream(tts=self, input_text=text, conn_options=conn_options)
+
+    async def aclose(self) -> None:
+        await self.backend.close()
+
+
+class _BackendStream(tts.ChunkedStream):
+    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
+        speaker = self._tts
+        assert isinstance(speaker, AvatarStreamTTS)
+        output_emitter.initialize(request_id=utils.shortuuid(), sample_rate=speaker.sample_rate,
+                                  num_channels=1, mime_type="audio/pcm")
+        resample = Resampler(speaker.sample_rate, "HQ")
+        try:
+            async for pcm in speaker.backend.stream(self.input_text, speaker.voice):
+                output_emitter.push(to_pcm16(resample(pcm.samples, pcm.rate))[0])
+        except TTSError as exc:
+            raise APIStatusError(f"{speaker.backend.name} TTS: {exc.message}",
+                                 status_code=exc.status) from None
+        tail = resample.flush()
+        if len(tail):
+            output_emitter.push(to_pcm16(tail)[0])
+        output_emitter.flush()

@@ -24,7 +24,9 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
+from collections.abc import AsyncGenerator
 from concurrent.futures import ThreadPoolExecutor
+from typing import Any
 
 import av
 from pipecat.frames.frames import (
@@ -33,6 +35,7 @@ from pipecat.frames.frames import (
     BotStoppedSpeakingFrame,
     CancelFrame,
     EndFrame,
+    ErrorFrame,
     Frame,
     InterruptionFrame,
     OutputAudioRawFrame,
@@ -46,9 +49,11 @@ from pipecat.frames.frames import (
 )
 from pipecat.processors.frame_processor import FrameDirection, FrameProcessorSetup
 from pipecat.services.ai_service import AIService
-from pipecat.services.settings import ServiceSettings
+from pipecat.services.settings import ServiceSettings, TTSSettings
+from pipecat.services.tts_service import TTSService
 
 from avatar_stream.audio.resample import frame_to_mono
+from avatar_stream.audio.tts import TTS, EspeakTTS, TTSError
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.client.sessioncontrol import SessionControl, to_pcm16
 from avatar_stream.config import IceServer
@@ -57,7 +62,7 @@ from avatar_stream.integrations.turns import TurnStates
 
 log = logging.getLogger(__name__)
 
-__all__ = ["AvatarStreamSessionDriver", "AvatarStreamVideoService"]
+__all__ = ["AvatarStreamSessionDriver", "AvatarStreamTTSService", "AvatarStreamVideoService"]
 
 BOT_SPEAKING_PERIOD_S = 0.2  # how often Pipecat's output transport says the bot still speaks
 # on a graceful EndFrame, how long the avatar may take to finish what it was given
@@ -73,8 +78,8 @@ class _AvatarSpeechProcessor(AIService):
     frames from the avatar's events, turn states. Subclasses connect the link."""
 
     def __init__(self, *, turn_states: bool = True, drain_timeout_s: float = DRAIN_TIMEOUT_S,
-                 **kwargs: object) -> None:
-        super().__init__(settings=ServiceSettings(model=None), **kwargs)  # type: ignore[arg-type]
+                 **kwargs: Any) -> None:
+        super().__init__(settings=ServiceSettings(model=None), **kwargs)
         self._use_turn_states = turn_states
         self._drain_timeout_s = drain_timeout_s
         self._link: Link | None = None
@@ -262,7 +267,7 @@ class AvatarStreamVideoService(_AvatarSpeechProcessor):
         video_codecs: list[str] | None = None,
         turn_states: bool = True,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> None:
         super().__init__(turn_states=turn_states, drain_timeout_s=drain_timeout_s, **kwargs)
         self._url = url
@@ -349,7 +354,7 @@ class AvatarStreamSessionDriver(_AvatarSpeechProcessor):
         api_key: str | None = None,
         turn_states: bool = True,
         drain_timeout_s: float = DRAIN_TIMEOUT_S,
-        **kwargs: object,
+        **kwargs: Any,
     ) -> None:
         super().__init__(turn_states=turn_states, drain_timeout_s=drain_timeout_s, **kwargs)
         self._url = url
@@ -362,6 +367,35 @@ class AvatarStreamSessionDriver(_AvatarSpeechProcessor):
                                  api_key=self._api_key)
         await control.connect()
         return control
+
+
+class AvatarStreamTTSService(TTSService):
+    """A Pipecat TTS service over avatar-stream's own TTS backends (``audio/tts.py``:
+    espeak-ng, offline, by default; or ``OpenAITTS``, any OpenAI-compatible
+    ``/v1/audio/speech`` endpoint): a voice for trying an avatar without a TTS provider.
+    ``voice``: the backend's voice name."""
+
+    def __init__(self, backend: TTS | None = None, *, voice: str | None = None,
+                 **kwargs: Any) -> None:
+        super().__init__(push_start_frame=True, push_stop_frames=True,
+                         settings=TTSSettings(model=None, voice=voice, language=None),
+                         **kwargs)
+        self.backend = backend or EspeakTTS()
+
+    async def run_tts(self, text: str, context_id: str) -> AsyncGenerator[Frame | None, None]:
+        voice = self._settings.voice if isinstance(self._settings.voice, str) else None
+        try:
+            async for pcm in self.backend.stream(text, voice):
+                audio, _ = to_pcm16(pcm.samples)
+                if pcm.rate != self.sample_rate:
+                    audio = await self._resampler.resample(audio, pcm.rate, self.sample_rate)
+                yield TTSAudioRawFrame(audio, self.sample_rate, 1, context_id=context_id)
+        except TTSError as exc:
+            yield ErrorFrame(error=f"{self.backend.name} TTS: {exc.message}")
+
+    async def cleanup(self) -> None:
+        await super().cleanup()
+        await self.backend.close()
 
 
 def _rgb_bytes(frame: av.VideoFrame) -> bytes:

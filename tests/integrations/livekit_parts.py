@@ -1,12 +1,12 @@
-"""Small STT, LLM and TTS for an ``AgentSession`` in the tests, and a microphone for it
-(LiveKit's own fakes live in its repository's tests, not in its wheel).
+"""A small STT and LLM for an ``AgentSession`` in the tests, and a microphone for it
+(LiveKit's own fakes live in its repository's tests, not in its wheel; the TTS is the
+package's ``AvatarStreamTTS`` speaking espeak-ng).
 
 - ``UserMic``: the session's audio input, real time: silence, or speech given to ``say()``.
 - ``EnergySTT``: a streaming STT that hears speech by its energy (start, interim
   transcripts while it lasts, final transcript and end after a pause) and "recognises" the
   next of the lines it was given: the test knows what its user says.
 - ``ScriptedLLM``: answers each user line with the reply it was given for it, streamed.
-- ``EspeakTTS``: real speech from espeak-ng on this machine, kept in ``spoken``.
 """
 
 from __future__ import annotations
@@ -17,13 +17,10 @@ from typing import Any
 
 import numpy as np
 from livekit import rtc
-from livekit.agents import APIConnectOptions, LanguageCode, stt, tts, utils
+from livekit.agents import APIConnectOptions, LanguageCode, stt
 from livekit.agents.llm import LLM, ChatChunk, ChatContext, ChoiceDelta, LLMStream, Tool
 from livekit.agents.types import DEFAULT_API_CONNECT_OPTIONS, NOT_GIVEN, NotGivenOr
 from livekit.agents.voice.io import AudioInput
-
-from avatar_stream.audio.decode import decode_wav
-from avatar_stream.client.sessioncontrol import to_pcm16
 
 MIC_RATE = 16_000
 MIC_FRAME = MIC_RATE // 50  # 20 ms
@@ -139,35 +136,3 @@ class ScriptedStream(LLMStream):
             self._event_ch.send_nowait(ChatChunk(
                 id="scripted", delta=ChoiceDelta(role="assistant", content=word + " ")))
             await asyncio.sleep(0)
-
-
-class EspeakTTS(tts.TTS):
-    """Speaks with espeak-ng (22.05 kHz mono); ``spoken`` keeps (text, int16 samples)."""
-
-    RATE = 22_050
-
-    def __init__(self) -> None:
-        super().__init__(capabilities=tts.TTSCapabilities(streaming=False),
-                         sample_rate=self.RATE, num_channels=1)
-        self.spoken: list[tuple[str, np.ndarray]] = []
-
-    def synthesize(self, text: str, *,
-                   conn_options: APIConnectOptions = DEFAULT_API_CONNECT_OPTIONS
-                   ) -> EspeakStream:
-        return EspeakStream(tts=self, input_text=text, conn_options=conn_options)
-
-
-class EspeakStream(tts.ChunkedStream):
-    async def _run(self, output_emitter: tts.AudioEmitter) -> None:
-        assert isinstance(self._tts, EspeakTTS)
-        proc = await asyncio.create_subprocess_exec(
-            "espeak-ng", "-v", "en-us", "-s", "150", "--stdout",
-            stdin=asyncio.subprocess.PIPE, stdout=asyncio.subprocess.PIPE)
-        out, _ = await proc.communicate(self.input_text.encode())
-        pcm = decode_wav(out)
-        data, _ = to_pcm16(pcm.samples)
-        self._tts.spoken.append((self.input_text, np.frombuffer(data, np.int16)))
-        output_emitter.initialize(request_id=utils.shortuuid(), sample_rate=pcm.rate,
-                                  num_channels=1, mime_type="audio/pcm")
-        output_emitter.push(data)
-        output_emitter.flush()

@@ -15,12 +15,13 @@ import pytest_asyncio
 from conftest import espeak
 from livekit.agents import Agent, AgentSession
 from livekit.agents.voice.io import PlaybackFinishedEvent, PlaybackStartedEvent
-from livekit_parts import EnergySTT, EspeakTTS, ScriptedLLM, UserMic
+from livekit_parts import EnergySTT, ScriptedLLM, UserMic
+from speech_backend import RecordingEspeak
 from speechtools import AUDIO_AFTER_EVENT_S, envelope, envelope_match, received_between
 
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.config import ServerConfig
-from avatar_stream.integrations.livekit import AvatarSession
+from avatar_stream.integrations.livekit import AvatarSession, AvatarStreamTTS
 from avatar_stream.media import OUT_RATE
 from avatar_stream.transports.http.app import running_server
 
@@ -54,11 +55,11 @@ async def test_reply_barge_in_and_position_through_an_agent_session(server, spee
         shown: list[str] = []
         state.sessions[browser.session_id].listeners.append(
             lambda e: shown.append(e["state"]) if e["type"] == "state.changed" else None)
-        mic, voice = UserMic(), EspeakTTS()
+        mic, voice = UserMic(), RecordingEspeak()
         session = AgentSession(
             stt=EnergySTT(["tell me a story", "wait"]),
             llm=ScriptedLLM({"tell me a story": STORY, "wait": OKAY}),
-            tts=voice, vad=None,
+            tts=AvatarStreamTTS(voice), vad=None,
             aec_warmup_duration=None,  # no echo to cancel here: the user may barge in at once
             turn_handling={"turn_detection": "stt", "endpointing": {"min_delay": 0.2}},
         )
@@ -97,17 +98,17 @@ async def test_reply_barge_in_and_position_through_an_agent_session(server, spee
     assert len(started) == 2 and len(finished) == 2
     assert [(f.interrupted, f.playback_position) for f in finished] == \
         [(True, cut["position_s"]), (False, done["position_s"])]
-    okay_said = np.concatenate([s for text, s in voice.spoken if text.strip() == OKAY])
-    assert done["position_s"] == pytest.approx(len(okay_said) / EspeakTTS.RATE, abs=0.05)
+    okay_said, rate = voice.said(OKAY)
+    assert done["position_s"] == pytest.approx(len(okay_said) / rate, abs=0.05)
 
     # the position the agent was told is what the browser heard of the story
-    story_said = np.concatenate([s for text, s in voice.spoken if text.strip() != OKAY])
+    story_said = np.concatenate([s for text, s, _ in voice.spoken if text.strip() != OKAY])
     heard = received_between(browser.received, t_story - 0.2, t_cut + 0.5)
-    offset, r = envelope_match(story_said[: EspeakTTS.RATE], EspeakTTS.RATE, heard)
+    offset, r = envelope_match(story_said[:rate], rate, heard)
     assert r >= 0.85, r
     heard_loud = loud_hops(heard, OUT_RATE)[int(round(offset / HOP_S)):]
     heard_end = (np.flatnonzero(heard_loud)[-1] + 1) * HOP_S  # on the story's clock
-    said_loud = loud_hops(story_said, EspeakTTS.RATE)
+    said_loud = loud_hops(story_said, rate)
     later = np.flatnonzero(said_loud[int(round(heard_end / HOP_S)) + 5:])
     next_word = (int(round(heard_end / HOP_S)) + 5 + later[0]) * HOP_S if len(later) else 99.0
     position = cut["position_s"]

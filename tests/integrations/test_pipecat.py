@@ -31,7 +31,8 @@ from pipecat.frames.frames import (
 from pipecat.pipeline.pipeline import Pipeline
 from pipecat.processors.frame_processor import FrameDirection
 from pipecat.tests.utils import SleepFrame, run_test
-from pipecat_parts import EspeakTTSService, Recorder
+from pipecat_probe import Recorder
+from speech_backend import RecordingEspeak
 from speechtools import (
     AUDIO_AFTER_EVENT_S,
     envelope_match,
@@ -44,7 +45,11 @@ from speechtools import (
 from avatar_stream.bench.lipsync import measure_lipsync
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.config import ServerConfig
-from avatar_stream.integrations.pipecat import AvatarStreamSessionDriver, AvatarStreamVideoService
+from avatar_stream.integrations.pipecat import (
+    AvatarStreamSessionDriver,
+    AvatarStreamTTSService,
+    AvatarStreamVideoService,
+)
 from avatar_stream.transports.http.app import running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(150)]
@@ -61,6 +66,12 @@ async def server():
                           max_sessions=4)
     async with running_server(config) as (url, state):
         yield url, state
+
+
+def espeak_tts() -> tuple[AvatarStreamTTSService, RecordingEspeak]:
+    """A real Pipecat TTS service speaking espeak-ng speech, and what it said."""
+    voice = RecordingEspeak()
+    return AvatarStreamTTSService(voice), voice
 
 
 def relay(url: str) -> AvatarStreamVideoService:
@@ -98,7 +109,7 @@ def leftovers(threads_before: set[str]) -> set[str]:
 async def test_relay_frames_are_lip_synced_at_25_fps_with_the_speech_in_order(server) -> None:
     url, state = server
     threads_before = {t.name for t in threading.enumerate()}
-    tts, tap, avatar, out = EspeakTTSService(), Recorder(), relay(url), Recorder()
+    (tts, voice), tap, avatar, out = espeak_tts(), Recorder(), relay(url), Recorder()
     down, _ = await run_test(
         Pipeline([tts, tap, avatar, out]),
         frames_to_send=[TTSSpeakFrame(FIRST), TTSSpeakFrame(SECOND)],
@@ -128,10 +139,10 @@ async def test_relay_frames_are_lip_synced_at_25_fps_with_the_speech_in_order(se
     rate = audio[0][1].sample_rate
     got = pcm.astype(np.float32) / 32768.0
     offsets = []
-    for context in contexts:
-        samples, sr = tts.spoken[context]
+    for text in (FIRST, SECOND):
+        samples, sr = voice.said(text)
         offset, r = envelope_match(samples, sr, got, rate)
-        print(f"relay: reply {context} back at {offset:.2f} s, envelope r={r:.3f}")
+        print(f"relay: reply {text[:12]!r} back at {offset:.2f} s, envelope r={r:.3f}")
         assert r >= 0.85
         offsets.append((offset, len(samples) / sr))
     assert offsets[0][0] + offsets[0][1] - 0.1 <= offsets[1][0]
@@ -175,7 +186,7 @@ async def test_relay_barge_in_cuts_the_speech_at_the_server_and_the_next_reply_p
                 spy_on_audio(state, avatar.client.session_id, sent, self.watch)
             await super().process_frame(frame, direction)
 
-    tts, tap, out = EspeakTTSService(), BargeIn(), Recorder()
+    (tts, _), tap, out = espeak_tts(), BargeIn(), Recorder()
     await run_test(
         Pipeline([tts, tap, avatar, out]),
         frames_to_send=[TTSSpeakFrame(LONG), SleepFrame(4.0), TTSSpeakFrame(SECOND)],
@@ -209,7 +220,7 @@ async def test_driver_speaks_through_the_browsers_session_and_sets_turn_states(s
             if e["type"] == "state.changed" else None)
         driver = AvatarStreamSessionDriver(url=url, session_id=browser.session_id,
                                            token=browser.token)
-        tts, tap, out = EspeakTTSService(), Recorder(), Recorder()
+        (tts, voice), tap, out = espeak_tts(), Recorder(), Recorder()
         down, _ = await run_test(
             Pipeline([tts, tap, driver, out]),
             frames_to_send=[UserStartedSpeakingFrame(), SleepFrame(0.4),
@@ -231,8 +242,8 @@ async def test_driver_speaks_through_the_browsers_session_and_sets_turn_states(s
     finished = [e for _, e in events(rec, "speech.finished")]
     assert [e["utterance_id"] for e in finished] == contexts
     assert not any(e["interrupted"] for e in finished)
-    for context, e in zip(contexts, finished, strict=True):
-        samples, sr = tts.spoken[context]
+    for context, text, e in zip(contexts, (FIRST, SECOND), finished, strict=True):
+        samples, sr = voice.said(text)
         assert e["position_s"] == pytest.approx(len(samples) / sr, abs=0.05)
         t0, t1, _ = utterance_window(rec, context)
         offset, r = envelope_match(samples, sr, received_between(rec, t0, t1 + 0.5))
@@ -293,7 +304,7 @@ async def test_relay_through_pipecats_smallwebrtc_transport_reaches_a_webrtc_vie
     transport = SmallWebRTCTransport(connection, TransportParams(
         audio_out_enabled=True, video_out_enabled=True, video_out_is_live=True,
         video_out_width=512, video_out_height=512, video_out_framerate=25))
-    tts, avatar, out = EspeakTTSService(), relay(url), Recorder()
+    (tts, voice), avatar, out = espeak_tts(), relay(url), Recorder()
     try:
         await run_test(
             Pipeline([tts, avatar, transport.output(), out]),
@@ -310,7 +321,7 @@ async def test_relay_through_pipecats_smallwebrtc_transport_reaches_a_webrtc_vie
     during = [t for t in video_t if t0 <= t <= t1]
     fps = (len(during) - 1) / (during[-1] - during[0])
     got = np.concatenate([a for _, a in audio])
-    (context, (samples, rate)), = tts.spoken.items()
+    samples, rate = voice.said(FIRST)
     offset, r = envelope_match(samples, rate, got)
     print(f"smallwebrtc viewer: {len(video_t)} frames, {fps:.1f} fps while the avatar spoke, "
           f"its voice back with envelope r={r:.3f}")
