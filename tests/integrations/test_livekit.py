@@ -61,7 +61,8 @@ async def test_reply_barge_in_and_position_through_an_agent_session(server, spee
             llm=ScriptedLLM({"tell me a story": STORY, "wait": OKAY}),
             tts=AvatarStreamTTS(voice), vad=None,
             aec_warmup_duration=None,  # no echo to cancel here: the user may barge in at once
-            turn_handling={"turn_detection": "stt", "endpointing": {"min_delay": 0.2}},
+            turn_handling={"turn_detection": "stt", "endpointing": {"min_delay": 0.2},
+                           "interruption": {"resume_false_interruption": False}},
         )
         session.input.audio = mic
         avatar = AvatarSession(url, browser.session_id, browser.token)
