@@ -29,6 +29,7 @@ import os
 import signal
 import sys
 
+from loguru import logger
 from pipecat.frames.frames import (
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
@@ -78,6 +79,8 @@ def tts_backend(args: argparse.Namespace) -> TTS:
 
 
 async def main(args: argparse.Namespace) -> int:
+    logger.remove()  # Pipecat logs every frame processor's life at DEBUG: keep warnings only
+    logger.add(sys.stderr, level="DEBUG" if args.verbose else "WARNING")
     if not args.session:
         raise SystemExit("give --session and --token (the page shows both)")
     driver = AvatarStreamSessionDriver(url=args.server, session_id=args.session,
@@ -127,6 +130,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--tts-voice", default="alloy")
     p.add_argument("--tts-api-key", default=os.environ.get("TTS_API_KEY"))
     p.add_argument("--espeak-voice", default="en-us", help="voice when no --tts-url is given")
+    p.add_argument("--verbose", action="store_true", help="Pipecat's own debug log")
     return p.parse_args(argv)
 
 

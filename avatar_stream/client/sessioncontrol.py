@@ -328,6 +328,9 @@ class SessionControl(SessionCalls):
         except aiohttp.WSServerHandshakeError as exc:
             await self._http.close()
             raise RequestError(exc.status, f"WebSocket refused: {exc.message}") from None
+        except BaseException:  # no server there, cancelled...: nothing of it stays open
+            await self._http.close()
+            raise
         self._ws = ws
         self._sender = SpeechSender(ws.send_str, ws.send_bytes)
         self._reader = asyncio.create_task(self._read())

@@ -109,6 +109,7 @@ def leftovers(threads_before: set[str]) -> set[str]:
 async def test_relay_frames_are_lip_synced_at_25_fps_with_the_speech_in_order(server) -> None:
     url, state = server
     threads_before = {t.name for t in threading.enumerate()}
+    tasks_before = asyncio.all_tasks()
     (tts, voice), tap, avatar, out = espeak_tts(), Recorder(), relay(url), Recorder()
     down, _ = await run_test(
         Pipeline([tts, tap, avatar, out]),
@@ -155,10 +156,13 @@ async def test_relay_frames_are_lip_synced_at_25_fps_with_the_speech_in_order(se
     print(f"relay: {sync}")
     assert sync.r >= 0.7 and abs(sync.lag_s) <= 0.08, sync
 
-    # nothing left: the session is gone from the server, the relay's threads are back
+    # nothing left: the session is gone from the server, the relay's threads and tasks too
     assert avatar.client is None
     assert await until(lambda: not state.sessions, 10), list(state.sessions)
     assert await until(lambda: not leftovers(threads_before), 10), leftovers(threads_before)
+    current = {asyncio.current_task()}
+    assert await until(lambda: not asyncio.all_tasks() - tasks_before - current, 10), \
+        asyncio.all_tasks() - tasks_before - current
 
 
 async def test_relay_barge_in_cuts_the_speech_at_the_server_and_the_next_reply_plays(
