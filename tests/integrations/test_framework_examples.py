@@ -10,8 +10,8 @@ from pathlib import Path
 
 import pytest
 from aiohttp import web
-from speechtools import events, until
 from audio.test_tts import StandInTTS  # tests/ is on the path (pyproject)
+from speechtools import events, until
 
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.config import ServerConfig
