@@ -37,6 +37,7 @@ from prometheus_client.samples import Sample
 
 from avatar_stream.config import ServerConfig
 from avatar_stream.engines.registry import CPU_ENGINES
+from avatar_stream.errors import error_body
 from avatar_stream.scale.routing import FORWARDED, forward
 
 log = logging.getLogger(__name__)
@@ -286,7 +287,7 @@ class WorkerPool:
         the ready worker with the fewest sessions."""
         loads = await self.loads()
         if not loads:
-            return web.json_response({"error": "no worker is ready; try again shortly"},
+            return web.json_response(error_body("no worker is ready; try again shortly"),
                                      status=503, headers={"Retry-After": "2"})
         worker = min(loads, key=lambda load: (load[1]["sessions"], load[0].index))[0]
         return await forward(self.http, request, worker.address, "front",
