@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from avatar_stream import events
 from avatar_stream.config import ServerConfig
 from avatar_stream.core.sink import MediaSink, Transport
 from avatar_stream.core.speechinput import SpeechInput
@@ -29,7 +30,8 @@ from avatar_stream.core.synchronizer import Synchronizer
 from avatar_stream.core.turnstate import TurnState
 from avatar_stream.core.worker import EngineWorker
 from avatar_stream.engines.base import Avatar, Engine, EngineStream
-from avatar_stream.media import FPS, Event
+from avatar_stream.events import Event
+from avatar_stream.media import FPS
 from avatar_stream.scale.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -150,20 +152,21 @@ class Session:
 
     def emit(self, event: Event) -> None:
         kind = event["type"]
-        if kind == "error" and self.metrics:
+        if kind == events.ERROR and self.metrics:
             self.metrics.errors.labels("control").inc()
         for listener in list(self.listeners):
             try:
                 listener(event)
             except Exception:  # one broken listener must not starve the others
                 log.exception("session %s: event listener failed", self.id)
-        if kind in ("speech.started", "speech.finished"):
+        if kind == events.SPEECH_STARTED or kind == events.SPEECH_FINISHED:
             # one utterance handing over to the next (in the same frame or the next one)
             # is no change of turn: speech ends a frame after its last speech.finished,
             # unless a barge-in cut it
             if self._speaking_check is not None:
                 self._speaking_check.cancel()
-            wait = HANDOVER_S if kind == "speech.finished" and not event["interrupted"] else 0
+            ended = kind == events.SPEECH_FINISHED and not dict(event).get("interrupted")
+            wait = HANDOVER_S if ended else 0
             loop = asyncio.get_running_loop()
             self._speaking_check = loop.call_later(wait, self._check_speaking)
 
@@ -173,7 +176,7 @@ class Session:
             self.turn.set_speaking(self.sync is not None and self.sync.speaking)
 
     def _turn_changed(self, state: str, previous: str) -> None:
-        self.emit({"type": "state.changed", "state": state, "previous": previous})
+        self.emit(events.state_changed(state, previous))
 
     # -- teardown --------------------------------------------------------------------
 
@@ -196,7 +199,7 @@ class Session:
         self.end_reason = reason
         log.info("session %s ends: %s", self.id, reason)
         with contextlib.suppress(Exception):
-            self.emit({"type": "session.ended", "reason": reason})
+            self.emit(events.session_ended(reason))
         if self._speaking_check is not None:
             self._speaking_check.cancel()
         current = asyncio.current_task()
