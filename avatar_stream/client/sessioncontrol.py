@@ -21,7 +21,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from avatar_stream.media import Event
+from avatar_stream.events import Message
 
 Audio = np.ndarray | bytes
 CHUNK_BYTES = 16 * 1024  # per binary message: safe for every SCTP stack, small for a WebSocket
@@ -100,9 +100,9 @@ class EventHub:
     """Every event, to every ``events()`` iterator (each gets its own bounded queue)."""
 
     def __init__(self) -> None:
-        self._subscribers: list[asyncio.Queue[Event | None]] = []
+        self._subscribers: list[asyncio.Queue[Message | None]] = []
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: Message) -> None:
         for q in list(self._subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(dict(event))
@@ -112,9 +112,9 @@ class EventHub:
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(None)
 
-    async def events(self, maxsize: int = 1000) -> AsyncIterator[Event]:
+    async def events(self, maxsize: int = 1000) -> AsyncIterator[Message]:
         """Events from now on, until the session or connection ends."""
-        q: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
+        q: asyncio.Queue[Message | None] = asyncio.Queue(maxsize)
         self._subscribers.append(q)
         try:
             while (event := await q.get()) is not None:
@@ -145,10 +145,10 @@ class SpeechSender:
         self.send_bytes = send_bytes
         self.drain = drain
         self._lock = asyncio.Lock()  # one utterance at a time on a channel
-        self._replies: asyncio.Queue[Event] = asyncio.Queue()
+        self._replies: asyncio.Queue[Message] = asyncio.Queue()
         self._open: tuple[str, int, int] | None = None  # the utterance the channel has open
 
-    def on_message(self, event: Event) -> None:
+    def on_message(self, event: Message) -> None:
         """Feed every event the channel receives (acks and errors are picked out)."""
         if event.get("type") in ("ack", "error"):
             self._replies.put_nowait(event)
@@ -162,7 +162,7 @@ class SpeechSender:
                     self._open != (utterance_id, rate, channels):
                 # a new utterance (or a new format): start it; a further piece of the open
                 # one needs no start
-                start: Event = {"type": "start", "sample_rate": rate, "channels": channels}
+                start: Message = {"type": "start", "sample_rate": rate, "channels": channels}
                 if utterance_id is not None:
                     start["utterance_id"] = utterance_id
                 await self.send_text(json.dumps(start))
@@ -189,7 +189,7 @@ class SpeechSender:
         await self.send_text(json.dumps({"type": "end", "utterance_id": utterance_id}))
         await self._reply("end")
 
-    async def _reply(self, of: str) -> Event:
+    async def _reply(self, of: str) -> Message:
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while True:
             left = deadline - time.monotonic()
@@ -302,7 +302,7 @@ class SessionControl(SessionCalls):
         self._ws: aiohttp.ClientWebSocketResponse[Any] | None = None
         self._reader: asyncio.Task[None] | None = None
         self.hub = EventHub()
-        self.received: list[tuple[float, Event]] = []
+        self.received: list[tuple[float, Message]] = []
         self._sender: SpeechSender | None = None
         self._seen: set[int] = set()
         self._arrived = asyncio.Event()
@@ -344,12 +344,12 @@ class SessionControl(SessionCalls):
     def connected(self) -> bool:
         return self._ws is not None and not self._ws.closed
 
-    def events(self) -> AsyncIterator[Event]:
+    def events(self) -> AsyncIterator[Message]:
         """Session events from now on (ends when the WebSocket closes)."""
         return self.hub.events()
 
     async def wait_event(self, kind: str,
-                         predicate: Callable[[Event], bool] | None = None) -> Event:
+                         predicate: Callable[[Message], bool] | None = None) -> Message:
         """The next not yet waited-for event of this type (earlier ones are checked too)."""
         while True:
             for i, (_, event) in enumerate(self.received):

@@ -21,6 +21,7 @@ import secrets
 from collections.abc import Awaitable, Callable, Coroutine
 from typing import Any
 
+from avatar_stream import events
 from avatar_stream.config import ServerConfig
 from avatar_stream.core.sink import MediaSink, Transport
 from avatar_stream.core.speechinput import SpeechInput
@@ -28,7 +29,7 @@ from avatar_stream.core.speechqueue import SpeechQueue
 from avatar_stream.core.synchronizer import Synchronizer
 from avatar_stream.core.worker import EngineWorker
 from avatar_stream.engines.base import Avatar, Engine, EngineStream
-from avatar_stream.media import Event
+from avatar_stream.events import Event
 from avatar_stream.scale.metrics import Metrics
 
 log = logging.getLogger(__name__)
@@ -137,7 +138,7 @@ class Session:
     # -- events out ------------------------------------------------------------------
 
     def emit(self, event: Event) -> None:
-        if event["type"] == "error" and self.metrics:
+        if event["type"] == events.ERROR and self.metrics:
             self.metrics.errors.labels("control").inc()
         for listener in list(self.listeners):
             try:
@@ -166,7 +167,7 @@ class Session:
         self.end_reason = reason
         log.info("session %s ends: %s", self.id, reason)
         with contextlib.suppress(Exception):
-            self.emit({"type": "session.ended", "reason": reason})
+            self.emit(events.session_ended(reason))
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:

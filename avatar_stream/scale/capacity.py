@@ -26,11 +26,11 @@ def admission_limit(max_sessions: int, engine: Engine) -> int:
     return max_sessions if realtime is None else min(max_sessions, max(1, realtime))
 
 
-def capacity_info(engine: Engine, limit: int, active: int) -> dict[str, Any]:
-    """The ``/readyz`` body's capacity part."""
+def capacity_info(engine: Engine | None, limit: int, active: int) -> dict[str, Any]:
+    """The ``/readyz`` body's capacity part (``engine`` None: a front, whose workers tell)."""
     info: dict[str, Any] = {"sessions": active, "max_sessions": limit,
                             "free": max(0, limit - active)}
-    if engine.step_fps is not None:
+    if engine is not None and engine.step_fps is not None:
         info["step_fps"] = round(engine.step_fps, 1)
         info["realtime_sessions"] = engine.realtime_sessions
     return info
@@ -39,7 +39,7 @@ def capacity_info(engine: Engine, limit: int, active: int) -> dict[str, Any]:
 class CapacityCollector(Collector):
     """``avatar_sessions_max``, ``avatar_engine_step_fps``, ``avatar_engine_realtime_sessions``."""
 
-    def __init__(self, engine: Callable[[], Engine], limit: Callable[[], int]) -> None:
+    def __init__(self, engine: Callable[[], Engine | None], limit: Callable[[], int]) -> None:
         self._engine = engine
         self._limit = limit
 
@@ -48,7 +48,7 @@ class CapacityCollector(Collector):
         yield GaugeMetricFamily("avatar_sessions_max", "Sessions admitted at once (the lower "
                                 "of --max-sessions and what the engine serves in real time).",
                                 self._limit())
-        if engine.step_fps is not None:
+        if engine is not None and engine.step_fps is not None:
             yield GaugeMetricFamily("avatar_engine_step_fps", "Frames per second the engine's "
                                     "device makes, measured at warm-up.", engine.step_fps)
             yield GaugeMetricFamily("avatar_engine_realtime_sessions", "Sessions the device "

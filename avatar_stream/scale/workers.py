@@ -37,6 +37,7 @@ from prometheus_client.samples import Sample
 
 from avatar_stream.config import ServerConfig
 from avatar_stream.engines.registry import CPU_ENGINES
+from avatar_stream.errors import error_body
 from avatar_stream.scale.routing import FORWARDED, forward
 
 log = logging.getLogger(__name__)
@@ -281,6 +282,17 @@ class WorkerPool:
                 return response
             tried.add(worker.index)  # full after all (a session came in meanwhile)
 
+    async def forward_to_any(self, request: web.Request) -> web.StreamResponse:
+        """A call any worker can answer (``/v1/animate``: the front loads no engine), on
+        the ready worker with the fewest sessions."""
+        loads = await self.loads()
+        if not loads:
+            return web.json_response(error_body("no worker is ready; try again shortly"),
+                                     status=503, headers={"Retry-After": "2"})
+        worker = min(loads, key=lambda load: (load[1]["sessions"], load[0].index))[0]
+        return await forward(self.http, request, worker.address, "front",
+                             f"worker {worker.index}")
+
     async def sessions(self, headers: dict[str, str]) -> list[Any]:
         answers = await asyncio.gather(*(self._ask(w, "/v1/sessions", headers)
                                          for w in self.workers))
@@ -290,10 +302,14 @@ class WorkerPool:
 
     async def add_avatar(self, avatar_id: str, photo: bytes, headers: dict[str, str]) -> None:
         """An avatar uploaded at the front, uploaded to every worker too (now, and again to a
-        worker that is started again)."""
+        worker that is started again). The first worker prepares it for the engine and fills
+        the disk cache; the others then take it from there, at once."""
         self.uploads[avatar_id] = (photo, headers)
-        await asyncio.gather(*(self._add_avatar(w, avatar_id, photo, headers)
-                               for w in self.workers))
+        if self.workers:
+            first, *rest = self.workers
+            await self._add_avatar(first, avatar_id, photo, headers)
+            await asyncio.gather(*(self._add_avatar(w, avatar_id, photo, headers)
+                                   for w in rest))
 
     async def remove_avatar(self, avatar_id: str, headers: dict[str, str]) -> None:
         self.uploads.pop(avatar_id, None)

@@ -8,10 +8,11 @@ import json
 from collections.abc import Callable
 from typing import Any
 
+from avatar_stream import events
 from avatar_stream.audio.decode import check_format, decode_pcm
 from avatar_stream.core.speechinput import SpeechInput, check_utterance_id
 from avatar_stream.errors import SpeechError
-from avatar_stream.media import Event
+from avatar_stream.events import Message
 
 # -- the speech protocol on a WebSocket or the data channel --------------------------------
 
@@ -31,7 +32,7 @@ class SpeechProtocol:
         self,
         speech: SpeechInput,
         interrupt: Callable[[], object],
-        reply: Callable[[Event], None],
+        reply: Callable[[Message], None],
         *,
         max_binary_bytes: int = 1 << 20,
         on_activity: Callable[[], None] | None = None,
@@ -47,7 +48,7 @@ class SpeechProtocol:
         self._cut = False  # the current utterance was interrupted: drop its audio quietly
 
     def error(self, code: str, message: str) -> None:
-        self.reply({"type": "error", "code": code, "message": message})
+        self.reply(dict(events.error(message, code)))
 
     def handle(self, message: str | bytes) -> None:
         if self.on_activity:

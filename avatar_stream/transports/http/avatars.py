@@ -85,7 +85,8 @@ def add_avatar_api(app: web.Application) -> None:
     """Register the routes and the store on the server's app (``app[STATE]`` must be set).
     The ``--avatars`` folder (``config.avatars_dir``) is loaded before the server listens."""
     state = app[STATE]
-    app[AVATAR_STORE] = AvatarStore(state.engine, state.avatars)
+    app[AVATAR_STORE] = AvatarStore(state.engine, state.avatars,
+                                    engine_name=state.config.engine)
     app[PREPARE_JOBS] = _Jobs("avatar-prepare")
     app[RENDER_JOBS] = _Jobs("animate")
     app.add_routes(avatar_routes())
@@ -237,9 +238,13 @@ async def delete_avatar(request: web.Request) -> web.Response:
 # -- offline animation ------------------------------------------------------------------------
 
 
-async def animate(request: web.Request) -> web.Response:
-    """``POST /v1/animate``: the avatar speaking the audio, as one video file with sound."""
+async def animate(request: web.Request) -> web.StreamResponse:
+    """``POST /v1/animate``: the avatar speaking the audio, as one video file with sound.
+    At the front of ``--workers`` (no engine here), a worker renders it."""
     require_server(request)
+    pool = request.app[STATE].pool
+    if pool is not None:
+        return await pool.forward_to_any(request)
     form = await read_form(request, {"audio": MAX_AUDIO_BYTES, "image": MAX_PHOTO_BYTES})
     audio = form.get("audio")
     if not audio:
@@ -275,7 +280,7 @@ def _prepare_once(store: AvatarStore, photo: bytes) -> Avatar:
     from avatar_stream.avatars.photo import crop_to_face, load_image
 
     image = load_image(photo)
-    return store.engine.prepare(crop_to_face(image, get_rigger().rig(image)), "upload")
+    return store.prepare_image(crop_to_face(image, get_rigger().rig(image)), "upload")
 
 
 def _render(store: AvatarStore, avatar: Avatar, audio: bytes, fmt: str) -> bytes:
@@ -283,5 +288,6 @@ def _render(store: AvatarStore, avatar: Avatar, audio: bytes, fmt: str) -> bytes
     if len(speech) > MAX_ANIMATE_SPEECH_S * rate:
         raise SpeechError("too_large", f"speech longer than {MAX_ANIMATE_SPEECH_S:.0f} s")
     out = io.BytesIO()
+    assert store.engine is not None  # a front forwards renders to its workers
     render_clip(store.engine, avatar, speech, rate, out, fmt)
     return out.getvalue()

@@ -120,6 +120,7 @@ async def create_session(request: web.Request) -> web.StreamResponse:
             503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
         )
     ice_servers = session_ice_servers(state.config)  # fresh TURN credentials
+    assert state.engine is not None and state.worker is not None  # only a front has none
     session = Session(
         state.engine, avatar, state.worker, replace(state.config, ice_servers=ice_servers),
         on_closed=_forget(state),

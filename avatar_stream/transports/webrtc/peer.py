@@ -18,9 +18,10 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 
+from avatar_stream import events
 from avatar_stream.audio.resample import Resampler, frame_to_mono
 from avatar_stream.core.session import Session
-from avatar_stream.media import Event
+from avatar_stream.events import Event, Message
 from avatar_stream.transports.protocol import SpeechProtocol
 from avatar_stream.transports.webrtc.encoders import prefer_h264, use_avatar_encoders
 from avatar_stream.transports.webrtc.ice import filter_candidates, rtc_configuration
@@ -141,12 +142,12 @@ class WebRTCPeer:
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(json.dumps(event))
 
-    def _reply_on(self, channel: RTCDataChannel) -> Callable[[Event], None]:
+    def _reply_on(self, channel: RTCDataChannel) -> Callable[[Message], None]:
         """Replies meant for one data channel only (acks, protocol errors, pong)."""
         metrics = self.session.metrics
 
-        def reply(event: Event) -> None:
-            if event["type"] == "error" and metrics:
+        def reply(event: Message) -> None:
+            if event["type"] == events.ERROR and metrics:
                 metrics.errors.labels("control").inc()
             if channel.readyState == "open":
                 channel.send(json.dumps(event))
@@ -160,7 +161,7 @@ class WebRTCPeer:
             return
         self._ready_sent = True
         session = self.session
-        session.emit({"type": "ready", "session_id": session.id, "avatar": session.avatar.info()})
+        session.emit(events.ready(session.id, session.avatar.info()))
 
     # -- teardown --------------------------------------------------------------------
 
