@@ -225,7 +225,7 @@ def _ranked(page, n: int) -> list:
 
 def run_avatars(page, args, out: dict) -> None:
     photos, bad = [Path(p) for p in args.photos.split(",")], Path(args.bad)
-    page.goto(f"{args.base}/")
+    page.goto(f"{args.base}/" + (f"#key={args.key}" if args.key else ""))
     page.wait_for_function("() => document.querySelectorAll('#gallery .avatar-card').length",
                            timeout=10_000)
     out["gallery_before"] = page.evaluate(GALLERY_JS)
@@ -314,6 +314,7 @@ def main() -> int:
     ap.add_argument("--scenario", choices=["full", "static", "avatars"], default="full")
     ap.add_argument("--photos", help="avatars: comma-separated photo files to rank")
     ap.add_argument("--bad", help="avatars: a file that is no photo, dropped with them")
+    ap.add_argument("--key", help="avatars: the server's API key, given to the page as #key=")
     ap.add_argument("--health-timeout", type=float, default=90)
     ap.add_argument("--connect-timeout", type=float, default=30)
     ap.add_argument("--warmup", type=float, default=2.0)

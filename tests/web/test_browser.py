@@ -289,20 +289,21 @@ def _similarity(a: np.ndarray, b: np.ndarray) -> float:
 
 
 def test_avatar_gallery(tmp_path):
-    """The page's avatars: photos dropped and picked are ranked as `avatars rank` ranks them
-    (the sharp frontal one first, each with its reasons, the file that is no photo with
-    its own), the best one is used, a session shows that face, the choice is in the address,
-    and it is deleted again."""
+    """The page's avatars, on a server with an API key: photos dropped and picked are ranked
+    as `avatars rank` ranks them (the sharp frontal one first, each with its reasons, the
+    file that is no photo with its own), the best one is used, a session shows that face,
+    the choice is in the address, and it is deleted again."""
     from avatar_stream.avatars.photo import reference_image
     from avatar_stream.avatars.ranking import rank_photos
 
     photos, bad, default = _gallery_files(tmp_path)
     shot = str(tmp_path / "gallery.png")
-    with namespace("avp_gallery") as ns, \
-            serving(ns, tmp_path, "--avatar", str(default)) as (base, log, proc):
+    key = "gallery-key"  # every call the page makes must carry it (previews too)
+    with namespace("avp_gallery") as ns, serving(
+            ns, tmp_path, "--avatar", str(default), "--api-key", key) as (base, log, proc):
         res = drive(ns, proc, log, tmp_path, "--scenario", "avatars", "--base", base,
                     "--photos", ",".join(map(str, photos)), "--bad", str(bad),
-                    "--screenshot", shot)
+                    "--key", key, "--screenshot", shot)
         context = page_context(res, proc, log)
     assert "error" not in res, res["error"] + context
     dropped, picked = res["dropped"], res["picked"]
