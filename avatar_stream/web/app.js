@@ -929,14 +929,23 @@
     ev.target.value = ""; // choosing the same files again ranks them again
   };
   const zone = $("dropzone");
+  let dragDepth = 0; // enter/leave also fire for the zone's children: count, don't flicker
+  zone.addEventListener("dragenter", (ev) => {
+    ev.preventDefault();
+    dragDepth++;
+    zone.classList.add("over");
+  });
   zone.addEventListener("dragover", (ev) => {
     ev.preventDefault();
     ev.dataTransfer.dropEffect = "copy";
-    zone.classList.add("over");
   });
-  zone.addEventListener("dragleave", () => zone.classList.remove("over"));
+  zone.addEventListener("dragleave", () => {
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (!dragDepth) zone.classList.remove("over");
+  });
   zone.addEventListener("drop", (ev) => {
     ev.preventDefault();
+    dragDepth = 0;
     zone.classList.remove("over");
     rankPhotos(ev.dataTransfer.files);
   });
