@@ -38,6 +38,7 @@ from prometheus_client.samples import Sample
 from avatar_stream.config import ServerConfig
 from avatar_stream.engines.registry import CPU_ENGINES
 from avatar_stream.errors import error_body
+from avatar_stream.scale.capacity import cores
 from avatar_stream.scale.routing import FORWARDED, forward
 
 log = logging.getLogger(__name__)
@@ -62,13 +63,6 @@ def default_workers(config: ServerConfig) -> int:
         return 1
     n = cores()
     return max(1, min(n + 1 if n > 1 else 1, config.max_sessions))
-
-
-def cores() -> int:
-    """The cores this process may run on (a container's CPU set, not the host's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @dataclass
