@@ -23,10 +23,11 @@ from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 
+from avatar_stream import events
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.client.sessioncontrol import SessionControl
 from avatar_stream.core.speechinput import MAX_UTTERANCE_ID
-from avatar_stream.media import Event
+from avatar_stream.events import Message
 
 log = logging.getLogger(__name__)
 
@@ -208,19 +209,19 @@ class SegmentSender:
             await self._on_event(event)
         await self._finish_all()  # the session, or our connection to it, is gone
 
-    async def _on_event(self, event: Event) -> None:
+    async def _on_event(self, event: Message) -> None:
         kind = event.get("type")
-        if kind == "session.ended":
+        if kind == events.SESSION_ENDED:
             await self._finish_all()
             return
         segment = self.segments.get(str(event.get("utterance_id")))
         if segment is None:
             return
-        if kind == "speech.started" and segment.started_at is None:
+        if kind == events.SPEECH_STARTED and segment.started_at is None:
             segment.started_at = time.time()
             if self.on_started is not None:
                 await _call(self.on_started, segment)
-        elif kind == "speech.finished":
+        elif kind == events.SPEECH_FINISHED:
             if not segment.ended and not event.get("interrupted"):
                 # the server ended it after --utterance-idle-end without audio: what
                 # follows would be a new utterance the framework does not know of
