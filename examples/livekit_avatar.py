@@ -36,15 +36,9 @@ from livekit.agents.voice.io import PlaybackFinishedEvent
 # run from a checkout without installing: the package is next door
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from avatar_stream.audio.tts import TTS, EspeakTTS, OpenAITTS  # noqa: E402
+from tts_options import add_tts_options, tts_backend  # noqa: E402  (next to this file)
+
 from avatar_stream.integrations.livekit import AvatarSession, AvatarStreamTTS  # noqa: E402
-
-
-def tts_backend(args: argparse.Namespace) -> TTS:
-    if args.tts_url:
-        return OpenAITTS(args.tts_url, args.tts_model, args.tts_voice, args.tts_api_key,
-                         response_format="pcm")
-    return EspeakTTS(args.espeak_voice)
 
 
 async def main(args: argparse.Namespace) -> int:
@@ -109,11 +103,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--session", help="the session id (shown on the page)")
     p.add_argument("--token", help="the session token (shown on the page)")
     p.add_argument("--api-key", default=os.environ.get("AVATAR_STREAM_API_KEY"))
-    p.add_argument("--tts-url", help="an OpenAI-compatible /v1/audio/speech endpoint")
-    p.add_argument("--tts-model", default="tts-1")
-    p.add_argument("--tts-voice", default="alloy")
-    p.add_argument("--tts-api-key", default=os.environ.get("TTS_API_KEY"))
-    p.add_argument("--espeak-voice", default="en-us", help="voice when no --tts-url is given")
+    add_tts_options(p)
     return p.parse_args(argv)
 
 

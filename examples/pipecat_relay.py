@@ -43,7 +43,8 @@ from pipecat.workers.runner import WorkerRunner
 # run from a checkout without installing: the package is next door
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
-from avatar_stream.audio.tts import TTS, EspeakTTS, OpenAITTS  # noqa: E402
+from tts_options import add_tts_options, tts_backend  # noqa: E402  (next to this file)
+
 from avatar_stream.integrations.pipecat import (  # noqa: E402
     AvatarStreamTTSService,
     AvatarStreamVideoService,
@@ -138,12 +139,6 @@ class Bot:
         await runner.run()
 
 
-def tts_backend(args: argparse.Namespace) -> TTS:
-    if args.tts_url:
-        return OpenAITTS(args.tts_url, args.tts_model, args.tts_voice, args.tts_api_key,
-                         response_format="pcm")
-    return EspeakTTS(args.espeak_voice)
-
 
 async def main(args: argparse.Namespace) -> int:
     logger.remove()  # Pipecat logs every frame processor's life at DEBUG: keep warnings only
@@ -181,11 +176,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ice-host-addresses", type=lambda s: s.split(","),
                    help="offer ICE candidates only on these addresses (e.g. 127.0.0.1)")
     p.add_argument("--greeting", default="Hello! I am a Pipecat bot, and this is my face.")
-    p.add_argument("--tts-url", help="an OpenAI-compatible /v1/audio/speech endpoint")
-    p.add_argument("--tts-model", default="tts-1")
-    p.add_argument("--tts-voice", default="alloy")
-    p.add_argument("--tts-api-key", default=os.environ.get("TTS_API_KEY"))
-    p.add_argument("--espeak-voice", default="en-us", help="voice when no --tts-url is given")
+    add_tts_options(p)
     p.add_argument("--verbose", action="store_true", help="Pipecat's own debug log")
     return p.parse_args(argv)
 

@@ -24,7 +24,7 @@ import asyncio
 import contextlib
 import logging
 from collections import deque
-from collections.abc import AsyncGenerator
+from collections.abc import AsyncGenerator, Awaitable, Callable
 from concurrent.futures import ThreadPoolExecutor
 from typing import Any
 
@@ -70,7 +70,8 @@ DRAIN_TIMEOUT_S = 60.0
 # the relay: the last frame's media arrives about one jitter buffer after its
 # speech.finished (which leaves the server with the frame); wait for it before the EndFrame
 MEDIA_TAIL_S = 0.3
-MEDIA_QUEUE = 64  # received frames waiting to go downstream (~0.9 s); the oldest go first
+# received frames waiting to go downstream, per kind: about 1 s; the oldest go first
+VIDEO_QUEUE, AUDIO_QUEUE = 25, 50
 
 
 class _AvatarSpeechProcessor(AIService):
@@ -276,9 +277,10 @@ class AvatarStreamVideoService(_AvatarSpeechProcessor):
         self._ice_servers = ice_servers
         self._ice_host_addresses = ice_host_addresses
         self._video_codecs = video_codecs
-        self._media: deque[av.VideoFrame | av.AudioFrame] = deque(maxlen=MEDIA_QUEUE)
-        self._media_ready = asyncio.Event()
-        self._media_task: asyncio.Task[None] | None = None
+        # video and voice go down on lanes of their own: the voice never waits behind a
+        # picture's conversion (a late voice frame is a gap in the transport's audio)
+        self._lanes: dict[str, _Lane] = {"video": _Lane(VIDEO_QUEUE, self._image),
+                                         "audio": _Lane(AUDIO_QUEUE, self._voice)}
         self._executor: ThreadPoolExecutor | None = None  # RGB conversion, off the loop
 
     @property
@@ -299,42 +301,37 @@ class AvatarStreamVideoService(_AvatarSpeechProcessor):
             await client.close()
             raise
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="avatar-rgb")
-        self._media_task = self.create_task(self._push_media(), "avatar-media")
+        for kind, lane in self._lanes.items():
+            lane.task = self.create_task(lane.run(self._push_out), f"avatar-{kind}")
         return client
 
     def _on_media(self, frame: av.VideoFrame | av.AudioFrame, arrived: float) -> None:
         if self._running:
-            self._media.append(frame)  # a full queue drops its oldest frame
-            self._media_ready.set()
+            self._lanes["video" if isinstance(frame, av.VideoFrame) else "audio"].put(frame)
 
-    async def _push_media(self) -> None:
+    async def _image(self, frame: av.VideoFrame) -> Frame:
         loop = asyncio.get_running_loop()
-        while True:
-            await self._media_ready.wait()
-            self._media_ready.clear()
-            while self._media:
-                frame = self._media.popleft()
-                out: Frame
-                if isinstance(frame, av.VideoFrame):
-                    rgb = await loop.run_in_executor(self._executor, _rgb_bytes, frame)
-                    out = OutputImageRawFrame(image=rgb, size=(frame.width, frame.height),
-                                              format="RGB")
-                else:
-                    pcm, _ = to_pcm16(frame_to_mono(frame))
-                    out = OutputAudioRawFrame(audio=pcm, sample_rate=frame.sample_rate,
-                                              num_channels=1)
-                if self._running:
-                    await self.push_frame(out)
+        rgb = await loop.run_in_executor(self._executor, _rgb_bytes, frame)
+        return OutputImageRawFrame(image=rgb, size=(frame.width, frame.height), format="RGB")
+
+    async def _voice(self, frame: av.AudioFrame) -> Frame:
+        pcm, _ = to_pcm16(frame_to_mono(frame))
+        return OutputAudioRawFrame(audio=pcm, sample_rate=frame.sample_rate, num_channels=1)
+
+    async def _push_out(self, frame: Frame) -> None:
+        if self._running:
+            await self.push_frame(frame)
 
     async def _after_drain(self) -> None:
         await asyncio.sleep(MEDIA_TAIL_S)
 
     async def _close_link(self, link: Link) -> None:
-        if self._media_task is not None:
-            task, self._media_task = self._media_task, None
-            await self.cancel_task(task)
+        for lane in self._lanes.values():
+            if lane.task is not None:
+                task, lane.task = lane.task, None
+                await self.cancel_task(task)
+            lane.frames.clear()
         await link.close()  # the session ends with it
-        self._media.clear()
         if self._executor is not None:
             executor, self._executor = self._executor, None
             executor.shutdown(wait=True)
@@ -396,6 +393,28 @@ class AvatarStreamTTSService(TTSService):
     async def cleanup(self) -> None:
         await super().cleanup()
         await self.backend.close()
+
+
+class _Lane:
+    """Received frames of one kind on their way down the pipeline: bounded (a full lane
+    drops its oldest), converted and pushed in order by one task."""
+
+    def __init__(self, size: int, convert: Callable[[Any], Awaitable[Frame]]) -> None:
+        self.frames: deque[Any] = deque(maxlen=size)
+        self.ready = asyncio.Event()
+        self.convert = convert
+        self.task: asyncio.Task[None] | None = None
+
+    def put(self, frame: object) -> None:
+        self.frames.append(frame)
+        self.ready.set()
+
+    async def run(self, push: Callable[[Frame], Awaitable[None]]) -> None:
+        while True:
+            await self.ready.wait()
+            self.ready.clear()
+            while self.frames:
+                await push(await self.convert(self.frames.popleft()))
 
 
 def _rgb_bytes(frame: av.VideoFrame) -> bytes:

@@ -11,19 +11,17 @@ import time
 
 import numpy as np
 import pytest
-import pytest_asyncio
 from conftest import espeak
 from livekit.agents import Agent, AgentSession
 from livekit.agents.voice.io import PlaybackFinishedEvent, PlaybackStartedEvent
 from livekit_parts import EnergySTT, ScriptedLLM, UserMic
+from loopback_server import loopback_server  # noqa: F401  (the fixture `server`)
 from speech_backend import RecordingEspeak
 from speechtools import AUDIO_AFTER_EVENT_S, envelope, envelope_match, received_between
 
 from avatar_stream.client.avatarclient import AvatarClient
-from avatar_stream.config import ServerConfig
 from avatar_stream.integrations.livekit import AvatarSession, AvatarStreamTTS
 from avatar_stream.media import OUT_RATE
-from avatar_stream.transports.http.app import running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(150)]
 
@@ -31,14 +29,6 @@ STORY = ("Once upon a time there was a lighthouse keeper who lived alone on a ro
          "Every night he climbed the stairs and lit the great lamp for the passing ships.")
 OKAY = "Okay, I will stop there."
 HOP_S = 0.01  # envelope grid (speechtools.envelope)
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def server():
-    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
-                          max_sessions=4)
-    async with running_server(config) as (url, state):
-        yield url, state
 
 
 def loud_hops(samples: np.ndarray, rate: int) -> np.ndarray:

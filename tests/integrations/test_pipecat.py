@@ -13,7 +13,7 @@ from collections.abc import Callable
 
 import numpy as np
 import pytest
-import pytest_asyncio
+from loopback_server import loopback_server  # noqa: F401  (the fixture `server`)
 from pipecat.frames.frames import (
     BotSpeakingFrame,
     BotStartedSpeakingFrame,
@@ -41,16 +41,15 @@ from speechtools import (
     until,
     utterance_window,
 )
+from webrtc_visitor import Visitor
 
 from avatar_stream.bench.lipsync import measure_lipsync
 from avatar_stream.client.avatarclient import AvatarClient
-from avatar_stream.config import ServerConfig
 from avatar_stream.integrations.pipecat import (
     AvatarStreamSessionDriver,
     AvatarStreamTTSService,
     AvatarStreamVideoService,
 )
-from avatar_stream.transports.http.app import running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(150)]
 
@@ -58,14 +57,6 @@ FIRST = "Good morning. The weather today is bright and sunny, with a light breez
 SECOND = "Would you like to hear more about it?"
 LONG = ("Let me tell you a long story about a lighthouse keeper who lived alone on a rocky "
         "island, far out at sea, and kept the lamp burning every night for forty years.")
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def server():
-    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
-                          max_sessions=4)
-    async with running_server(config) as (url, state):
-        yield url, state
 
 
 def espeak_tts() -> tuple[AvatarStreamTTSService, RecordingEspeak]:
@@ -278,42 +269,15 @@ async def test_relay_through_pipecats_smallwebrtc_transport_reaches_a_webrtc_vie
     """The relay's whole point: the bot's own transport carries the avatar. Here that is
     Pipecat's SmallWebRTC transport, and a WebRTC peer (aiortc) is the user at the other end:
     it receives the avatar's video and voice from the bot, not from avatar-stream."""
-    from aiortc import RTCPeerConnection, RTCSessionDescription
-    from aiortc.mediastreams import MediaStreamError
     from pipecat.transports.base_transport import TransportParams
     from pipecat.transports.smallwebrtc.connection import SmallWebRTCConnection
     from pipecat.transports.smallwebrtc.transport import SmallWebRTCTransport
 
-    from avatar_stream.audio.resample import frame_to_mono
-    from avatar_stream.transports.webrtc.ice import filter_candidates, rtc_configuration
-
     url, state = server
-    viewer = RTCPeerConnection(rtc_configuration([]))
-    viewer.addTransceiver("audio", direction="recvonly")
-    viewer.addTransceiver("video", direction="recvonly")
-    viewer.createDataChannel("pipecat")
-    video_t: list[float] = []
-    audio: list[tuple[float, np.ndarray]] = []
-    readers: list[asyncio.Task[None]] = []
-
-    async def read(track) -> None:
-        while True:
-            try:
-                frame = await track.recv()
-            except MediaStreamError:
-                return
-            if track.kind == "video":
-                video_t.append(time.perf_counter())
-            else:
-                audio.append((time.perf_counter(), frame_to_mono(frame)))
-
-    viewer.on("track", lambda track: readers.append(asyncio.create_task(read(track))))
-    await viewer.setLocalDescription(await viewer.createOffer())
+    viewer = Visitor()
     connection = SmallWebRTCConnection()
-    await connection.initialize(sdp=viewer.localDescription.sdp, type="offer")
-    answer = connection.get_answer()
-    await viewer.setRemoteDescription(RTCSessionDescription(
-        sdp=filter_candidates(answer["sdp"], ["127.0.0.1"]), type="answer"))
+    await connection.initialize(sdp=await viewer.offer(), type="offer")
+    await viewer.answered(connection.get_answer()["sdp"])
     transport = SmallWebRTCTransport(connection, TransportParams(
         audio_out_enabled=True, video_out_enabled=True, video_out_is_live=True,
         video_out_width=512, video_out_height=512, video_out_framerate=25))
@@ -325,19 +289,15 @@ async def test_relay_through_pipecats_smallwebrtc_transport_reaches_a_webrtc_vie
             start_timeout=30,
         )
     finally:
-        for task in readers:
-            task.cancel()
         await viewer.close()
-        await asyncio.gather(*readers, return_exceptions=True)
     t0 = out.of(BotStartedSpeakingFrame)[0][0]
     t1 = out.of(BotStoppedSpeakingFrame)[-1][0]
-    during = [t for t in video_t if t0 <= t <= t1]
-    fps = (len(during) - 1) / (during[-1] - during[0])
-    got = np.concatenate([a for _, a in audio])
+    fps = viewer.fps(t0, t1)
+    got = viewer.heard()
     samples, rate = voice.said(FIRST)
     offset, r = envelope_match(samples, rate, got)
-    print(f"smallwebrtc viewer: {len(video_t)} frames, {fps:.1f} fps while the avatar spoke, "
-          f"its voice back with envelope r={r:.3f}")
+    print(f"smallwebrtc viewer: {len(viewer.video_t)} frames, {fps:.1f} fps while the avatar "
+          f"spoke, its voice back with envelope r={r:.3f}")
     assert fps >= 22
     assert r >= 0.8
     assert await until(lambda: not state.sessions, 10)

@@ -4,26 +4,19 @@ session gone), and only the adapter's own utterances count."""
 
 from __future__ import annotations
 
+import contextlib
+from collections.abc import AsyncIterator
+
 import numpy as np
 import pytest
-import pytest_asyncio
+from loopback_server import loopback_server  # noqa: F401  (the fixture `server`)
 from speechtools import at_rate, until
 
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.client.sessioncontrol import SessionControl, to_pcm16
-from avatar_stream.config import ServerConfig
 from avatar_stream.integrations.segments import Segment, SegmentSender
-from avatar_stream.transports.http.app import running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def server():
-    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
-                          max_sessions=4)
-    async with running_server(config) as (url, state):
-        yield url, state
 
 
 class Reports:
@@ -42,19 +35,32 @@ class Reports:
         return [(uid, pos, cut) for k, uid, pos, cut in self.rows if k == kind]
 
 
+@contextlib.asynccontextmanager
+async def driving(url: str, **options: float) -> AsyncIterator[
+        tuple[AvatarClient, SegmentSender, Reports]]:
+    """A session a browser (an aiortc client) holds, and a SegmentSender driving it over
+    the session's WebSocket, its reports noted. The sender closes before the browser."""
+    async with AvatarClient(url, record_mouth=False) as browser:
+        control = SessionControl(url, browser.session_id, browser.token)
+        await control.connect()
+        reports = Reports()
+        sender = SegmentSender(control, on_started=reports.started,
+                               on_finished=reports.finished, **options)
+        await sender.start()
+        try:
+            yield browser, sender, reports
+        finally:
+            await sender.close()
+            await control.close()
+
+
 def pcm(speech48k: np.ndarray, seconds: float, rate: int = 24_000) -> bytes:
     return to_pcm16(at_rate(speech48k, rate)[: int(seconds * rate)])[0]
 
 
 async def test_every_segment_finishes_exactly_once(server, speech48k) -> None:
     url, state = server
-    async with AvatarClient(url, record_mouth=False) as browser:
-        control = SessionControl(url, browser.session_id, browser.token)
-        await control.connect()
-        reports = Reports()
-        sender = SegmentSender(control, on_started=reports.started,
-                               on_finished=reports.finished, finish_timeout_s=0.5)
-        await sender.start()
+    async with driving(url, finish_timeout_s=0.5) as (browser, sender, reports):
 
         # played in full, in 100 ms pieces as a TTS streams them: started, then finished
         played = sender.open("ctx-1")
@@ -88,8 +94,6 @@ async def test_every_segment_finishes_exactly_once(server, speech48k) -> None:
         assert await until(lambda: any(r[1] == gone.id for r in reports.rows), 10)
         await browser.delete()
         assert await sender.drain(5)
-        await sender.close()
-        await control.close()
 
     finished = reports.of("finished")
     ids = [uid for uid, _, _ in finished]
@@ -111,12 +115,7 @@ async def test_a_barge_in_goes_ahead_of_speech_queued_after_it(server, speech48k
     """clear_buffer, then at once the next reply: the server sees the interrupt first, so
     the next reply is not cut by it."""
     url, state = server
-    async with AvatarClient(url, record_mouth=False) as browser:
-        control = SessionControl(url, browser.session_id, browser.token)
-        await control.connect()
-        reports = Reports()
-        sender = SegmentSender(control, on_finished=reports.finished)
-        await sender.start()
+    async with driving(url) as (browser, sender, reports):
         first = sender.open()
         await sender.audio(first, pcm(speech48k, 3.0), 24_000)
         assert await until(lambda: browser.received.events and any(
@@ -126,8 +125,6 @@ async def test_a_barge_in_goes_ahead_of_speech_queued_after_it(server, speech48k
         await sender.audio(second, pcm(speech48k, 0.6), 24_000)
         await sender.end(second)
         assert await sender.drain(15)
-        await sender.close()
-        await control.close()
     results = {uid: (pos, cut) for uid, pos, cut in reports.of("finished")}
     assert results[first.id][1] and results[first.id][0] < 3.0
     assert results[second.id] == (pytest.approx(0.6, abs=0.03), False)
@@ -135,16 +132,10 @@ async def test_a_barge_in_goes_ahead_of_speech_queued_after_it(server, speech48k
 
 async def test_close_finishes_what_is_pending(server, speech48k) -> None:
     url, state = server
-    async with AvatarClient(url, record_mouth=False) as browser:
-        control = SessionControl(url, browser.session_id, browser.token)
-        await control.connect()
-        reports = Reports()
-        sender = SegmentSender(control, on_finished=reports.finished)
-        await sender.start()
+    async with driving(url) as (browser, sender, reports):
         segment = sender.open()
         await sender.audio(segment, pcm(speech48k, 2.0), 24_000)
         assert await until(lambda: segment.started_at is not None, 10)  # it plays, then
-        await sender.close()
-        await control.close()
+    # the adapter was torn down while it played
     (uid, position, cut), = reports.of("finished")
     assert uid == segment.id and cut and position <= 2.0

@@ -7,23 +7,14 @@ from __future__ import annotations
 import time
 
 import pytest
-import pytest_asyncio
+from loopback_server import loopback_server  # noqa: F401  (the fixture `server`)
 from speechtools import until
 
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.client.sessioncontrol import SessionControl
-from avatar_stream.config import ServerConfig
 from avatar_stream.integrations.turns import TurnStates
-from avatar_stream.transports.http.app import running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(60)]
-
-
-@pytest_asyncio.fixture(loop_scope="module", scope="module")
-async def server():
-    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"])
-    async with running_server(config) as (url, state):
-        yield url, state
 
 
 async def test_signals_become_states_and_none_outlives_its_reason(server) -> None:
