@@ -16,9 +16,9 @@ import aiohttp
 import numpy as np
 import pytest
 from aiohttp import web
-from audio.test_tts import StandInTTS  # tests/ is on the path (pyproject)
 from loopback_server import loopback_server  # noqa: F401  (the fixture `server`)
 from speechtools import AUDIO_AFTER_EVENT_S, envelope_match, events, until
+from standin_tts import StandInTTS
 from webrtc_visitor import Visitor
 
 from avatar_stream.audio.tts import EspeakTTS
@@ -35,7 +35,7 @@ LINES = ["Hello from the example.", "And a second line."]
 ])
 async def test_framework_example_drives_a_watched_session(server, example, tts) -> None:
     url, state = server
-    stand_in = StandInTTS()  # an OpenAI-compatible TTS endpoint on 127.0.0.1 (test_tts.py)
+    stand_in = StandInTTS()  # an OpenAI-compatible TTS endpoint on 127.0.0.1 (standin_tts.py)
     app = web.Application()
     app.router.add_post("/v1/audio/speech", stand_in.speech)
     runner = web.AppRunner(app)
