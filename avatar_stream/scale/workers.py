@@ -118,7 +118,8 @@ class WorkerPool:
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         self._context = multiprocessing.get_context("spawn")  # no copy of the front's loop
-        self._placement = asyncio.Lock()
+        # held while choosing a worker; notified when a placement ends
+        self._placement = asyncio.Condition()
         # one token secret for all: a session's token stays valid whichever process checks it
         self.config = replace(config, token_secret=config.token_secret or os.urandom(32))
         # avatars uploaded at the front: id -> (photo, the uploader's credentials), for a
@@ -259,10 +260,17 @@ class WorkerPool:
         tried: set[int] = set()
         while True:
             async with self._placement:  # concurrent requests spread over the workers
-                # the fewest sessions first; of those, the most room
-                loads = [(a["sessions"] + w.placing, -(a["free"] - w.placing), w.index, w)
-                         for w, a in await self.loads()
-                         if w.index not in tried and a["free"] - w.placing > 0]
+                while True:
+                    # the fewest sessions first; of those, the most room. A session being
+                    # placed may already count in its worker's answer as well as in
+                    # ``placing``: when that leaves no room, wait for a placement to end
+                    # and look again, rather than refuse while a slot is free.
+                    loads = [(a["sessions"] + w.placing, -(a["free"] - w.placing), w.index, w)
+                             for w, a in await self.loads()
+                             if w.index not in tried and a["free"] - w.placing > 0]
+                    if loads or not any(w.placing for w in self.workers):
+                        break
+                    await self._placement.wait()
                 if not loads:
                     return None
                 worker = min(loads, key=lambda load: load[:3])[3]
@@ -271,7 +279,9 @@ class WorkerPool:
                 response = await forward(self.http, request, worker.address, "front",
                                          f"worker {worker.index}")
             finally:
-                worker.placing -= 1
+                async with self._placement:
+                    worker.placing -= 1
+                    self._placement.notify_all()
             if response.status != 503:
                 return response
             tried.add(worker.index)  # full after all (a session came in meanwhile)
