@@ -7,7 +7,7 @@ The public API, imported on first use (``import avatar_stream`` itself loads not
 - the server: :class:`ServerConfig`, :class:`IceServer`, :func:`running_server` (in-process,
   for tests and embedding), :func:`run` (what ``avatar-stream serve`` runs);
 - the core, for a transport of your own: :class:`Session`, :class:`MediaSink`,
-  :class:`Transport`, :class:`SpeechError`;
+  :class:`Transport`, :class:`SpeechError`, :data:`Event` (the session's typed events);
 - engines: :class:`Engine`, :class:`EngineStream`, :class:`Avatar`, :func:`create_engine`,
   :data:`ENGINES`.
 """
@@ -24,6 +24,7 @@ if TYPE_CHECKING:
     from avatar_stream.core.sink import MediaSink, Transport
     from avatar_stream.engines import ENGINES, Avatar, Engine, EngineStream, create_engine
     from avatar_stream.errors import SpeechError
+    from avatar_stream.events import Event
     from avatar_stream.media import FPS, OUT_RATE, SAMPLE_RATE
     from avatar_stream.transports.http.app import run, running_server
 
@@ -42,6 +43,7 @@ _WHERE = {
     "EngineStream": "avatar_stream.engines",
     "create_engine": "avatar_stream.engines",
     "SpeechError": "avatar_stream.errors",
+    "Event": "avatar_stream.events",
     "FPS": "avatar_stream.media",
     "OUT_RATE": "avatar_stream.media",
     "SAMPLE_RATE": "avatar_stream.media",
@@ -55,6 +57,7 @@ __all__ = [
     "ENGINES",
     "Engine",
     "EngineStream",
+    "Event",
     "FPS",
     "IceServer",
     "MediaSink",

@@ -11,6 +11,7 @@ from __future__ import annotations
 STATUS: dict[str, int] = {
     "bad_request": 400,
     "bad_audio": 400,
+    "bad_state": 400,
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,
@@ -36,6 +37,15 @@ _GENERIC = {
     415: "unsupported_media_type", 422: "unprocessable", 429: "rate_limited", 500: "internal",
     502: "bad_gateway", 503: "unavailable", 504: "timeout",
 }
+
+
+def error_body(message: str, reason: str | None = None) -> dict[str, str]:
+    """The one JSON shape of an HTTP error: ``{"error": message}``, with a ``reason`` where
+    the client can act on it."""
+    body = {"error": message}
+    if reason:
+        body["reason"] = reason
+    return body
 
 
 def kind_of(status: int) -> str:

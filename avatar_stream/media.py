@@ -7,8 +7,6 @@ The engines work at 25 fps on 16 kHz speech (frame k is made from samples
 
 from __future__ import annotations
 
-from typing import Any
-
 FPS = 25
 SAMPLE_RATE = 16_000  # the engines' speech
 SAMPLES_PER_FRAME = SAMPLE_RATE // FPS  # 640
@@ -16,4 +14,3 @@ FRAME_SIZE = 512
 OUT_RATE = 48_000  # audio out (WebRTC, Opus, rendered files) and the test clients' microphone
 
 Box = tuple[int, int, int, int]  # x0, y0, x1, y1 in pixels
-Event = dict[str, Any]  # a session event or control message, as JSON

@@ -52,13 +52,26 @@ class AvatarRecord:
     quality: PhotoScore | None = None
 
 
+def photo_avatar(image: np.ndarray, avatar_id: str, engine_name: str) -> Avatar:
+    """A checked 512x512 reference with its face and mouth boxes, and nothing an engine
+    derives: what the front of ``--workers`` holds (its workers prepare the engine's part,
+    from the disk cache the first of them fills), and the still engine's whole avatar."""
+    rig = get_rigger().rig(image)
+    return Avatar(avatar_id, image.copy(), rig.face_box, rig.mouth_box,
+                  meta={"engine": engine_name})
+
+
 class AvatarStore:
     """Prepared avatars by id, shared with session creation (``avatars`` is the same dict the
-    server looks sessions' avatars up in). Thread-safe: prepare runs on executor threads."""
+    server looks sessions' avatars up in). Thread-safe: prepare runs on executor threads.
 
-    def __init__(self, engine: Engine, avatars: dict[str, Avatar],
-                 on_change: Callable[[], None] | None = None) -> None:
+    ``engine`` None: a front process, which loads no engine; its avatars are checked and
+    cropped photos (:func:`photo_avatar`) named after ``engine_name``."""
+
+    def __init__(self, engine: Engine | None, avatars: dict[str, Avatar],
+                 on_change: Callable[[], None] | None = None, engine_name: str = "") -> None:
         self.engine = engine
+        self.engine_name = engine.name if engine is not None else engine_name
         self.avatars = avatars
         self.records: dict[str, AvatarRecord] = {
             key: AvatarRecord("built-in" if key == DEFAULT_ID else "start-up", "", time.time())
@@ -83,7 +96,7 @@ class AvatarStore:
                     return self.avatars[avatar_id], False
                 raise AvatarConflict(f"avatar id {avatar_id!r} is taken by another photo")
         quality = score_photo(image, source, rig)
-        avatar = self.engine.prepare(crop_to_face(image, rig), avatar_id)
+        avatar = self.prepare_image(crop_to_face(image, rig), avatar_id)
         avatar.meta = {**avatar.meta, "source": source}
         with self._lock:
             if avatar_id in self.avatars:  # a concurrent upload of the same photo won
@@ -93,6 +106,12 @@ class AvatarStore:
         if self._on_change:
             self._on_change()
         return avatar, True
+
+    def prepare_image(self, image: np.ndarray, avatar_id: str) -> Avatar:
+        """A cropped reference as this process's avatar: the engine's, or the photo's only."""
+        if self.engine is None:
+            return photo_avatar(image, avatar_id, self.engine_name)
+        return self.engine.prepare(image, avatar_id)
 
     def load_folder(self, folder: Path) -> dict[str, str]:
         """Prepare every photo in ``folder`` (id = file name without suffix). Returns the

@@ -21,7 +21,8 @@ from typing import Any
 import aiohttp
 import numpy as np
 
-from avatar_stream.media import Event
+from avatar_stream.core.turnstate import check_state
+from avatar_stream.events import Message
 
 Audio = np.ndarray | bytes
 CHUNK_BYTES = 16 * 1024  # per binary message: safe for every SCTP stack, small for a WebSocket
@@ -100,9 +101,9 @@ class EventHub:
     """Every event, to every ``events()`` iterator (each gets its own bounded queue)."""
 
     def __init__(self) -> None:
-        self._subscribers: list[asyncio.Queue[Event | None]] = []
+        self._subscribers: list[asyncio.Queue[Message | None]] = []
 
-    def publish(self, event: Event) -> None:
+    def publish(self, event: Message) -> None:
         for q in list(self._subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(dict(event))
@@ -112,9 +113,9 @@ class EventHub:
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(None)
 
-    async def events(self, maxsize: int = 1000) -> AsyncIterator[Event]:
+    async def events(self, maxsize: int = 1000) -> AsyncIterator[Message]:
         """Events from now on, until the session or connection ends."""
-        q: asyncio.Queue[Event | None] = asyncio.Queue(maxsize)
+        q: asyncio.Queue[Message | None] = asyncio.Queue(maxsize)
         self._subscribers.append(q)
         try:
             while (event := await q.get()) is not None:
@@ -145,10 +146,10 @@ class SpeechSender:
         self.send_bytes = send_bytes
         self.drain = drain
         self._lock = asyncio.Lock()  # one utterance at a time on a channel
-        self._replies: asyncio.Queue[Event] = asyncio.Queue()
+        self._replies: asyncio.Queue[Message] = asyncio.Queue()
         self._open: tuple[str, int, int] | None = None  # the utterance the channel has open
 
-    def on_message(self, event: Event) -> None:
+    def on_message(self, event: Message) -> None:
         """Feed every event the channel receives (acks and errors are picked out)."""
         if event.get("type") in ("ack", "error"):
             self._replies.put_nowait(event)
@@ -162,7 +163,7 @@ class SpeechSender:
                     self._open != (utterance_id, rate, channels):
                 # a new utterance (or a new format): start it; a further piece of the open
                 # one needs no start
-                start: Event = {"type": "start", "sample_rate": rate, "channels": channels}
+                start: Message = {"type": "start", "sample_rate": rate, "channels": channels}
                 if utterance_id is not None:
                     start["utterance_id"] = utterance_id
                 await self.send_text(json.dumps(start))
@@ -189,7 +190,7 @@ class SpeechSender:
         await self.send_text(json.dumps({"type": "end", "utterance_id": utterance_id}))
         await self._reply("end")
 
-    async def _reply(self, of: str) -> Event:
+    async def _reply(self, of: str) -> Message:
         deadline = time.monotonic() + ACK_TIMEOUT_S
         while True:
             left = deadline - time.monotonic()
@@ -266,6 +267,11 @@ class SessionCalls:
         """Barge in over HTTP; returns the utterances cut."""
         return list((await self._call("POST", "/interrupt"))["interrupted"])
 
+    async def set_state_http(self, state: str) -> dict[str, Any]:
+        """``POST .../state``; returns ``{"turn_state", "turn_state_set"}`` (what shows now,
+        what was set). Raises RequestError (400 for an unknown state)."""
+        return await self._call("POST", "/state", json={"state": state})  # type: ignore[no-any-return]
+
     async def say(self, text: str, voice: str | None = None,
                   utterance_id: str | None = None) -> dict[str, Any]:
         """Speak ``text`` through the server's TTS; returns when it is queued."""
@@ -302,7 +308,7 @@ class SessionControl(SessionCalls):
         self._ws: aiohttp.ClientWebSocketResponse[Any] | None = None
         self._reader: asyncio.Task[None] | None = None
         self.hub = EventHub()
-        self.received: list[tuple[float, Event]] = []
+        self.received: list[tuple[float, Message]] = []
         self._sender: SpeechSender | None = None
         self._seen: set[int] = set()
         self._arrived = asyncio.Event()
@@ -322,6 +328,9 @@ class SessionControl(SessionCalls):
         except aiohttp.WSServerHandshakeError as exc:
             await self._http.close()
             raise RequestError(exc.status, f"WebSocket refused: {exc.message}") from None
+        except BaseException:  # no server there, cancelled...: nothing of it stays open
+            await self._http.close()
+            raise
         self._ws = ws
         self._sender = SpeechSender(ws.send_str, ws.send_bytes)
         self._reader = asyncio.create_task(self._read())
@@ -344,12 +353,12 @@ class SessionControl(SessionCalls):
     def connected(self) -> bool:
         return self._ws is not None and not self._ws.closed
 
-    def events(self) -> AsyncIterator[Event]:
+    def events(self) -> AsyncIterator[Message]:
         """Session events from now on (ends when the WebSocket closes)."""
         return self.hub.events()
 
     async def wait_event(self, kind: str,
-                         predicate: Callable[[Event], bool] | None = None) -> Event:
+                         predicate: Callable[[Message], bool] | None = None) -> Message:
         """The next not yet waited-for event of this type (earlier ones are checked too)."""
         while True:
             for i, (_, event) in enumerate(self.received):
@@ -391,6 +400,20 @@ class SessionControl(SessionCalls):
             await self._ws.send_str(json.dumps({"type": "interrupt"}))
         else:
             await self.interrupt_http()
+
+    async def set_state(self, state: str, via: str = "ws") -> None:
+        """The turn state: ``listening`` (the user speaks), ``thinking`` (the reply is on
+        its way) or ``idle``. Speech shows over it; ``thinking`` ends when speech starts.
+        Over the WebSocket (default, ordered with the speech sent there) or HTTP; a
+        ``state.changed`` event follows when what the face shows changes. ValueError for
+        another state (checked here, so the server never has to refuse it)."""
+        check_state(state)
+        if via == "ws" and self.connected and self._ws is not None:
+            await self._ws.send_str(json.dumps({"type": "state", "state": state}))
+        elif via in ("ws", "http"):
+            await self.set_state_http(state)
+        else:
+            raise ValueError("via must be 'ws' or 'http'")
 
     async def close(self, delete: bool = False) -> None:
         """Close the WebSocket; with ``delete`` also end the session for everyone."""

@@ -29,13 +29,15 @@ from typing import Any
 
 import numpy as np
 
+from avatar_stream import events
 from avatar_stream.audio.resample import Resampler, float_to_s16
 from avatar_stream.core.clock import MediaClock
 from avatar_stream.core.sink import MediaSink
 from avatar_stream.core.speechqueue import Segment, SpeechQueue, split_segments
 from avatar_stream.core.worker import EngineWorker
 from avatar_stream.engines.base import EngineStream
-from avatar_stream.media import FPS, OUT_RATE, SAMPLE_RATE, SAMPLES_PER_FRAME, Event
+from avatar_stream.events import Event
+from avatar_stream.media import FPS, OUT_RATE, SAMPLE_RATE, SAMPLES_PER_FRAME
 
 OUT_SAMPLES_PER_FRAME = OUT_RATE // FPS  # 1920: two 20 ms audio frames per video frame
 OUT_HALF = OUT_SAMPLES_PER_FRAME // 2
@@ -180,14 +182,7 @@ class Synchronizer:
         cut = list(dict.fromkeys(cut))
         for uid in cut:
             played = self._started.pop(uid, 0)
-            self.emit(
-                {
-                    "type": "speech.finished",
-                    "utterance_id": uid,
-                    "position_s": round(played / SAMPLE_RATE, 3),
-                    "interrupted": True,
-                }
-            )
+            self.emit(events.speech_finished(uid, played / SAMPLE_RATE, interrupted=True))
         return cut  # speech.clear() above has woken the producer
 
     # -- producer --------------------------------------------------------------------
@@ -369,19 +364,13 @@ class Synchronizer:
         for s in segments:
             if s.count and s.utterance_id not in self._started:
                 self._started[s.utterance_id] = 0
-                self.emit({"type": "speech.started", "utterance_id": s.utterance_id})
+                self.emit(events.speech_started(s.utterance_id))
             if s.utterance_id in self._started:
                 self._started[s.utterance_id] += s.count
             if s.end:
                 played = self._started.pop(s.utterance_id, 0)
-                self.emit(
-                    {
-                        "type": "speech.finished",
-                        "utterance_id": s.utterance_id,
-                        "position_s": round(played / SAMPLE_RATE, 3),
-                        "interrupted": False,
-                    }
-                )
+                self.emit(events.speech_finished(s.utterance_id, played / SAMPLE_RATE,
+                                                 interrupted=False))
 
 
 class RoundTrip:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from avatar_stream.avatars.facerig import get_rigger
+from avatar_stream.avatars.store import photo_avatar
 from avatar_stream.engines.base import Avatar, Engine, EngineStream
 
 
@@ -28,11 +28,10 @@ class StillStream(EngineStream):
 class StillEngine(Engine):
     name = "still"
     worker_threads = 1
+    shows_states: frozenset[str] = frozenset()  # the photo, unanimated: the floor
 
     def prepare(self, image: np.ndarray, avatar_id: str) -> Avatar:
-        rig = get_rigger().rig(image)
-        return Avatar(avatar_id, image.copy(), rig.face_box, rig.mouth_box,
-                      meta={"engine": self.name})
+        return photo_avatar(image, avatar_id, self.name)
 
     def open_stream(self, avatar: Avatar, seed: int | None = None) -> StillStream:
         return StillStream(avatar.image)

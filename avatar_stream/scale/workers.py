@@ -37,6 +37,8 @@ from prometheus_client.samples import Sample
 
 from avatar_stream.config import ServerConfig
 from avatar_stream.engines.registry import CPU_ENGINES
+from avatar_stream.errors import error_body
+from avatar_stream.scale.capacity import cores
 from avatar_stream.scale.routing import FORWARDED, forward
 
 log = logging.getLogger(__name__)
@@ -61,13 +63,6 @@ def default_workers(config: ServerConfig) -> int:
         return 1
     n = cores()
     return max(1, min(n + 1 if n > 1 else 1, config.max_sessions))
-
-
-def cores() -> int:
-    """The cores this process may run on (a container's CPU set, not the host's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @dataclass
@@ -123,7 +118,8 @@ class WorkerPool:
         self._supervisor: asyncio.Task[None] | None = None
         self._closing = False
         self._context = multiprocessing.get_context("spawn")  # no copy of the front's loop
-        self._placement = asyncio.Lock()
+        # held while choosing a worker; notified when a placement ends
+        self._placement = asyncio.Condition()
         # one token secret for all: a session's token stays valid whichever process checks it
         self.config = replace(config, token_secret=config.token_secret or os.urandom(32))
         # avatars uploaded at the front: id -> (photo, the uploader's credentials), for a
@@ -264,10 +260,17 @@ class WorkerPool:
         tried: set[int] = set()
         while True:
             async with self._placement:  # concurrent requests spread over the workers
-                # the fewest sessions first; of those, the most room
-                loads = [(a["sessions"] + w.placing, -(a["free"] - w.placing), w.index, w)
-                         for w, a in await self.loads()
-                         if w.index not in tried and a["free"] - w.placing > 0]
+                while True:
+                    # the fewest sessions first; of those, the most room. A session being
+                    # placed may already count in its worker's answer as well as in
+                    # ``placing``: when that leaves no room, wait for a placement to end
+                    # and look again, rather than refuse while a slot is free.
+                    loads = [(a["sessions"] + w.placing, -(a["free"] - w.placing), w.index, w)
+                             for w, a in await self.loads()
+                             if w.index not in tried and a["free"] - w.placing > 0]
+                    if loads or not any(w.placing for w in self.workers):
+                        break
+                    await self._placement.wait()
                 if not loads:
                     return None
                 worker = min(loads, key=lambda load: load[:3])[3]
@@ -276,10 +279,23 @@ class WorkerPool:
                 response = await forward(self.http, request, worker.address, "front",
                                          f"worker {worker.index}")
             finally:
-                worker.placing -= 1
+                async with self._placement:
+                    worker.placing -= 1
+                    self._placement.notify_all()
             if response.status != 503:
                 return response
             tried.add(worker.index)  # full after all (a session came in meanwhile)
+
+    async def forward_to_any(self, request: web.Request) -> web.StreamResponse:
+        """A call any worker can answer (``/v1/animate``: the front loads no engine), on
+        the ready worker with the fewest sessions."""
+        loads = await self.loads()
+        if not loads:
+            return web.json_response(error_body("no worker is ready; try again shortly"),
+                                     status=503, headers={"Retry-After": "2"})
+        worker = min(loads, key=lambda load: (load[1]["sessions"], load[0].index))[0]
+        return await forward(self.http, request, worker.address, "front",
+                             f"worker {worker.index}")
 
     async def sessions(self, headers: dict[str, str]) -> list[Any]:
         answers = await asyncio.gather(*(self._ask(w, "/v1/sessions", headers)
@@ -290,10 +306,14 @@ class WorkerPool:
 
     async def add_avatar(self, avatar_id: str, photo: bytes, headers: dict[str, str]) -> None:
         """An avatar uploaded at the front, uploaded to every worker too (now, and again to a
-        worker that is started again)."""
+        worker that is started again). The first worker prepares it for the engine and fills
+        the disk cache; the others then take it from there, at once."""
         self.uploads[avatar_id] = (photo, headers)
-        await asyncio.gather(*(self._add_avatar(w, avatar_id, photo, headers)
-                               for w in self.workers))
+        if self.workers:
+            first, *rest = self.workers
+            await self._add_avatar(first, avatar_id, photo, headers)
+            await asyncio.gather(*(self._add_avatar(w, avatar_id, photo, headers)
+                                   for w in rest))
 
     async def remove_avatar(self, avatar_id: str, headers: dict[str, str]) -> None:
         self.uploads.pop(avatar_id, None)

@@ -6,9 +6,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import io
 import time
 
 import aiohttp
+import av
 import cv2
 import numpy as np
 import pytest
@@ -147,6 +149,10 @@ async def test_sessions_spread_over_the_workers_and_calls_reach_them(front, spee
                      20, "video stopped")
         async with http.post(f"{url}/v1/sessions/{a.session_id}/interrupt") as r:
             assert r.status == 200
+        async with http.post(f"{url}/v1/sessions/{b.session_id}/state",
+                             json={"state": "thinking"}) as r:  # a turn state, through it too
+            assert r.status == 200 and (await r.json())["turn_state"] == "thinking"
+        await asyncio.wait_for(b.wait_event("state.changed"), 5)
         sent = await _metric(http, url, "avatar_frames_sent_total")
         assert sent["0"] > 0 and sent["1"] > 0 and sent["front"] == 0
         interrupts = await _metric(http, url, "avatar_interrupts_total")
@@ -185,6 +191,25 @@ async def _upload(http: aiohttp.ClientSession, url: str, avatar_id: str,
     async with http.post(f"{url}/v1/avatars?id={avatar_id}", data=jpeg.tobytes(),
                          headers={**(headers or {}), "Content-Type": "image/jpeg"}) as r:
         assert r.status == 201, await r.text()
+
+
+@ASYNC
+async def test_the_front_loads_no_engine_and_a_worker_renders(front, speech_wav) -> None:
+    """The front runs no session and holds no engine (it checks photos only), so a render
+    asked of it can only have been made by a worker."""
+    url, state, http = front
+    assert state.engine is None and state.worker is None
+    async with http.get(f"{url}/v1/avatars/default") as r:
+        info = await r.json()
+        assert r.status == 200 and info["engine"] == "still" and info["face_box"]
+    form = aiohttp.FormData()
+    form.add_field("audio", speech_wav.read_bytes(), filename="speech.wav",
+                   content_type="audio/wav")
+    async with http.post(f"{url}/v1/animate", data=form) as r:
+        assert r.status == 200, await r.text()
+        clip = await r.read()
+    with av.open(io.BytesIO(clip)) as c:
+        assert sum(1 for _ in c.decode(video=0)) > 25
 
 
 @ASYNC

@@ -19,7 +19,7 @@ from aiohttp import web
 
 from avatar_stream.audio.tts import create_tts
 from avatar_stream.avatars.photo import reference_image
-from avatar_stream.avatars.store import DEFAULT_ID
+from avatar_stream.avatars.store import DEFAULT_ID, photo_avatar
 from avatar_stream.config import ServerConfig
 from avatar_stream.core.worker import EngineWorker
 from avatar_stream.engines.base import AvatarError
@@ -45,6 +45,7 @@ from avatar_stream.transports.http.sessions import (
     get_session,
     interrupt_session,
     list_sessions,
+    set_turn_state,
 )
 from avatar_stream.transports.http.speech import end_utterance, push_audio, say, websocket
 from avatar_stream.transports.http.state import STATE, ServerState
@@ -54,10 +55,17 @@ from avatar_stream.transports.webrtc.internals import AiortcMismatch
 
 
 async def load_state(config: ServerConfig) -> ServerState:
-    """Load the engine and prepare the avatar (raises AvatarError for an unusable photo)."""
+    """Load the engine and prepare the avatar (raises AvatarError for an unusable photo).
+    The front of ``--workers`` loads no engine: it checks the avatar photo (its workers
+    prepare it for the engine, from the disk cache after the first) and runs no session."""
     aiortc_internals.check()
     restrict_host_addresses(config.ice_host_addresses)
     loop = asyncio.get_running_loop()
+    if config.workers > 1:
+        image = await loop.run_in_executor(None, reference_image, config.avatar)
+        avatar = await loop.run_in_executor(None, photo_avatar, image, DEFAULT_ID,
+                                            config.engine)
+        return ServerState(config, None, None, {DEFAULT_ID: avatar})
     engine = await loop.run_in_executor(
         None, functools.partial(create_engine, config.engine, **config.engine_options)
     )
@@ -124,6 +132,7 @@ def create_app(state: ServerState) -> web.Application:
             web.get("/v1/sessions/{id}", get_session),
             web.delete("/v1/sessions/{id}", delete_session),
             web.post("/v1/sessions/{id}/interrupt", interrupt_session),
+            web.post("/v1/sessions/{id}/state", set_turn_state),
             web.post("/v1/sessions/{id}/audio", push_audio),
             web.post("/v1/sessions/{id}/end", end_utterance),
             web.post("/v1/sessions/{id}/say", say),
@@ -153,8 +162,10 @@ async def _stop_engine(app: web.Application) -> None:
     state = app[STATE]
     if state.tts is not None:
         await state.tts.close()
-    state.worker.shutdown()
-    state.engine.close()
+    if state.worker is not None:
+        state.worker.shutdown()
+    if state.engine is not None:
+        state.engine.close()
 
 
 @contextlib.asynccontextmanager
@@ -185,7 +196,7 @@ def run(config: ServerConfig, announce: bool = True, sock: socket.socket | None 
         async def ready(app: web.Application) -> None:  # after the workers are up
             url = f"http://{config.host}:{config.port}/"
             workers = f" in {config.workers} worker processes" if state.pool else ""
-            print(f"avatar-stream: {state.engine.name} engine ready{workers}; open {url}",
+            print(f"avatar-stream: {config.engine} engine ready{workers}; open {url}",
                   flush=True)
 
         if announce:

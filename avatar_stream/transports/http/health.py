@@ -31,7 +31,7 @@ async def healthz(request: web.Request) -> web.Response:
 async def readyz(request: web.Request) -> web.Response:
     state = request.app[STATE]
     body = {
-        "engine": state.engine.name,
+        "engine": state.config.engine,
         **capacity_info(state.engine, state.max_sessions, len(state.sessions)),
     }
     if state.pool is not None:  # the workers' sessions, and room on the live ones

@@ -11,6 +11,8 @@ from aiohttp import web
 
 from avatar_stream.avatars.store import DEFAULT_ID
 from avatar_stream.core.session import Session
+from avatar_stream.core.speechinput import check_microphone
+from avatar_stream.core.turnstate import check_state
 from avatar_stream.scale.routing import FORWARDED, owned_id
 from avatar_stream.transports.http.auth import (
     AuthError,
@@ -19,7 +21,7 @@ from avatar_stream.transports.http.auth import (
     passed_on,
     retry_after,
 )
-from avatar_stream.transports.http.body import read_limited
+from avatar_stream.transports.http.body import read_json_object, read_limited
 from avatar_stream.transports.http.errors import HTTPJSONError, auth_error, json_error
 from avatar_stream.transports.http.state import STATE, ServerState
 from avatar_stream.transports.webrtc.peer import OfferError, WebRTCPeer
@@ -63,8 +65,9 @@ def session_for(request: web.Request, allow_query_token: bool = False, touch: bo
 # -- sessions --------------------------------------------------------------------------
 
 
-async def _read_offer(request: web.Request) -> tuple[str, str | None, bool]:
-    """Returns (sdp, avatar id, whether the client speaks WHEP-style application/sdp)."""
+async def _read_offer(request: web.Request) -> tuple[str, str | None, bool, str]:
+    """Returns (sdp, avatar id, whether the client speaks WHEP-style application/sdp,
+    what its microphone is: ``core/speechinput.py``'s MICROPHONE_MODES)."""
     ctype = request.content_type
     raw = await read_limited(request, MAX_OFFER_BYTES)
     try:
@@ -72,7 +75,8 @@ async def _read_offer(request: web.Request) -> tuple[str, str | None, bool]:
     except (UnicodeDecodeError, LookupError) as exc:
         raise HTTPJSONError(400, f"the offer is not valid text: {exc}") from exc
     if ctype == "application/sdp":
-        return body, request.query.get("avatar"), True
+        return body, request.query.get("avatar"), True, \
+            _microphone(request.query.get("microphone", "speak"))
     if ctype != "application/json":
         raise HTTPJSONError(415, "send the offer as application/json or application/sdp")
     try:
@@ -86,7 +90,14 @@ async def _read_offer(request: web.Request) -> tuple[str, str | None, bool]:
     avatar = data.get("avatar")
     if avatar is not None and not isinstance(avatar, str):
         raise HTTPJSONError(400, "avatar must be an avatar id (a string)")
-    return data["sdp"], avatar, False
+    return data["sdp"], avatar, False, _microphone(data.get("microphone", "speak"))
+
+
+def _microphone(value: object) -> str:
+    try:
+        return check_microphone(value)
+    except ValueError as exc:
+        raise HTTPJSONError(400, str(exc)) from None
 
 
 async def create_session(request: web.Request) -> web.StreamResponse:
@@ -107,7 +118,7 @@ async def create_session(request: web.Request) -> web.StreamResponse:
         return json_error(
             503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
         )
-    sdp, avatar_id, whep = await _read_offer(request)
+    sdp, avatar_id, whep, microphone = await _read_offer(request)
     if not sdp.lstrip().startswith("v=0"):
         return json_error(400, "invalid SDP offer: it must start with 'v=0'")
     avatar = state.avatars.get(avatar_id or DEFAULT_ID)
@@ -120,12 +131,14 @@ async def create_session(request: web.Request) -> web.StreamResponse:
             503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
         )
     ice_servers = session_ice_servers(state.config)  # fresh TURN credentials
+    assert state.engine is not None and state.worker is not None  # only a front has none
     session = Session(
         state.engine, avatar, state.worker, replace(state.config, ice_servers=ice_servers),
         on_closed=_forget(state),
         metrics=state.metrics,
     )
     session.id = owned_id(state.config, session.id)  # names this replica (routing.py)
+    session.input.microphone = microphone
     state.sessions[session.id] = session
     try:
         answer = await WebRTCPeer(session).accept(sdp)
@@ -185,3 +198,17 @@ async def delete_session(request: web.Request) -> web.Response:
 async def interrupt_session(request: web.Request) -> web.Response:
     cut = session_for(request).interrupt()
     return web.json_response({"interrupted": cut})
+
+
+async def set_turn_state(request: web.Request) -> web.Response:
+    """``POST /v1/sessions/{id}/state {"state": "listening"}``: the turn state
+    (``core/turnstate.py``) -> what the face shows now and the state set."""
+    session = session_for(request)
+    data = await read_json_object(request)
+    try:
+        session.set_state(check_state(data.get("state")))
+    except ValueError as exc:
+        raise HTTPJSONError(400, str(exc), "bad_state") from None
+    return web.json_response(
+        {"turn_state": session.turn.shown, "turn_state_set": session.turn.requested}
+    )

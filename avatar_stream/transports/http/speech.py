@@ -11,11 +11,12 @@ import time
 
 from aiohttp import WSMsgType, web
 
+from avatar_stream import events
 from avatar_stream.audio.decode import decode_body
 from avatar_stream.audio.tts import TTSError
 from avatar_stream.core.speechinput import check_utterance_id
 from avatar_stream.errors import SpeechError
-from avatar_stream.media import Event
+from avatar_stream.events import Event, Message
 from avatar_stream.transports.http.body import read_json_object, read_limited
 from avatar_stream.transports.http.errors import HTTPJSONError, speech_error
 from avatar_stream.transports.http.sessions import session_for
@@ -153,11 +154,11 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     # aiohttp refuses a message of exactly max_msg_size: the limit itself must pass
     ws = web.WebSocketResponse(max_msg_size=state.config.max_ws_message_bytes + 1, heartbeat=30)
-    outbox: asyncio.Queue[Event | None] = asyncio.Queue(maxsize=WS_OUTBOX)
+    outbox: asyncio.Queue[Event | Message | None] = asyncio.Queue(maxsize=WS_OUTBOX)
     too_slow: list[bool] = []  # set once: the close for a stuck reader is under way
     write_task: asyncio.Task[None] | None = None
 
-    def send(event: Event) -> None:
+    def send(event: Event | Message) -> None:
         if ws.closed or outbox.full() and too_slow:
             return
         try:
@@ -179,14 +180,15 @@ async def websocket(request: web.Request) -> web.StreamResponse:
                 await asyncio.wait_for(asyncio.shield(write_task), 1.0)
         await ws.close(code=1000, message=b"session ended")
 
-    def reply(event: Event) -> None:  # to this connection only: acks, pong, its errors
-        if event["type"] == "error":
+    def reply(event: Message) -> None:  # to this connection only: acks, pong, its errors
+        if event["type"] == events.ERROR:
             state.metrics.errors.labels("control").inc()
         send(event)
 
     protocol = SpeechProtocol(
         session.input, session.interrupt, reply,
         max_binary_bytes=state.config.max_ws_message_bytes, on_activity=session.touch,
+        set_state=session.set_state,
     )
     session.listeners.append(send)  # before the handshake: no event can slip past
     session.close_hooks.append(on_session_closed)

@@ -1,5 +1,8 @@
 """What one server process holds: its engine, sessions, avatars, limits and metrics.
 
+The front of ``--workers`` holds no engine (``engine`` and ``worker`` are None): its
+sessions, renders and engine steps all run in the worker processes.
+
 Apart from ``server.py`` so that the route modules (``avatars_api.py``) reach the state
 through the application's key without importing the server that imports them.
 """
@@ -29,8 +32,8 @@ if TYPE_CHECKING:
 @dataclass
 class ServerState:
     config: ServerConfig
-    engine: Engine
-    worker: EngineWorker
+    engine: Engine | None
+    worker: EngineWorker | None
     avatars: dict[str, Avatar]
     sessions: dict[str, Session] = field(default_factory=dict)
     metrics: Metrics = field(init=False)
@@ -60,6 +63,8 @@ class ServerState:
     @property
     def max_sessions(self) -> int:
         """--max-sessions, capped by what a GPU engine measured it serves in real time."""
+        if self.engine is None:  # the front: each worker admits its share
+            return self.config.max_sessions
         return admission_limit(self.config.max_sessions, self.engine)
 
     @property

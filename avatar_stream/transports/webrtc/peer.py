@@ -18,9 +18,10 @@ from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
 
+from avatar_stream import events
 from avatar_stream.audio.resample import Resampler
 from avatar_stream.core.session import Session
-from avatar_stream.media import Event
+from avatar_stream.events import Event, Message
 from avatar_stream.transports.protocol import SpeechProtocol
 from avatar_stream.transports.webrtc.encoders import prefer_h264, use_avatar_encoders
 from avatar_stream.transports.webrtc.feedback import VideoFeedback, watch_video_feedback
@@ -109,6 +110,7 @@ class WebRTCPeer:
             protocol = SpeechProtocol(
                 session.input, session.interrupt, self._reply_on(channel),
                 max_binary_bytes=session.config.max_ws_message_bytes, on_activity=session.touch,
+                set_state=session.set_state,
             )
             channel.on("message", protocol.handle)
             self._maybe_ready()
@@ -136,12 +138,12 @@ class WebRTCPeer:
         if self.channel is not None and self.channel.readyState == "open":
             self.channel.send(json.dumps(event))
 
-    def _reply_on(self, channel: RTCDataChannel) -> Callable[[Event], None]:
+    def _reply_on(self, channel: RTCDataChannel) -> Callable[[Message], None]:
         """Replies meant for one data channel only (acks, protocol errors, pong)."""
         metrics = self.session.metrics
 
-        def reply(event: Event) -> None:
-            if event["type"] == "error" and metrics:
+        def reply(event: Message) -> None:
+            if event["type"] == events.ERROR and metrics:
                 metrics.errors.labels("control").inc()
             if channel.readyState == "open":
                 channel.send(json.dumps(event))
@@ -155,7 +157,7 @@ class WebRTCPeer:
             return
         self._ready_sent = True
         session = self.session
-        session.emit({"type": "ready", "session_id": session.id, "avatar": session.avatar.info()})
+        session.emit(events.ready(session.id, session.avatar.info()))
 
     # -- teardown --------------------------------------------------------------------
 
