@@ -125,7 +125,7 @@ async def test_sessions_spread_over_client_processes(speech48k) -> None:
     they run, measure what fully measured sessions do; the server's CPU (here, this
     process) and the clients' (the other processes) are told apart."""
     args = argparse.Namespace(duration=8.0, mode="live", interrupt_every=0,
-                              audio_buffer=AUDIO_PREFETCH)
+                              audio_buffer=AUDIO_PREFETCH, ice_host_addresses="127.0.0.1")
     clip = speech48k[: 48000 * 3]
     async with server_or_url(None, "still", ["127.0.0.1"]) as url:
         with client_processes(True) as clients:
