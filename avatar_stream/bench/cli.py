@@ -25,7 +25,13 @@ import numpy as np
 import soxr
 
 from avatar_stream.bench import browser, impaired, report, soak
-from avatar_stream.bench.machine import CpuMeter, CpuShare, listening_pid, split_meters
+from avatar_stream.bench.machine import (
+    CpuMeter,
+    CpuShare,
+    listening_pid,
+    profiled,
+    split_meters,
+)
 from avatar_stream.bench.runner import SessionResult, progress_printer, run_session, server_or_url
 from avatar_stream.client.avatarclient import AUDIO_PREFETCH, MIC_RATE
 from avatar_stream.scale.capacity import cores
@@ -50,6 +56,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--duration", type=float, default=30.0, help="seconds per session")
     p.add_argument("--sessions", type=int, default=1, help="sessions at once")
     p.add_argument("--engine", default="warp", help="engine of the in-process server")
+    p.add_argument("--workers", default="auto", metavar="N|auto",
+                   help="worker processes of a server started here for several sessions "
+                        "(serve's --workers)")
     p.add_argument("--baseline", action="store_true",
                    help="also measure the same path with no engine (the floor) and compare")
     p.add_argument("--find-capacity", action="store_true",
@@ -73,6 +82,9 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
     impaired.add_arguments(p)
     p.add_argument("--json", type=Path, help="write every raw sample here")
     p.add_argument("--plot", type=Path, help="write latency distributions and a timeline (PNG)")
+    p.add_argument("--profile", type=Path, metavar="SVG",
+                   help="sample the server's processes with py-spy while the sessions run and "
+                        "write a flame graph (with --find-capacity: one a level)")
 
 
 def load_speech(path: Path | None) -> np.ndarray:
@@ -118,6 +130,7 @@ async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Name
     (``server_pid``, or whichever listens on the URL's port), whose CPU time is reported
     beside the clients'."""
     server = client = None
+    pid = None
     if server_apart:
         pid = server_pid or listening_pid(urlsplit(url).port or 80)
         if pid is not None:
@@ -125,7 +138,10 @@ async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Name
     for meter in (server, client):
         if meter:
             meter.start()
-    with CpuMeter() as cpu:
+    profile = getattr(args, "profile", None)
+    if profile is not None and n > 1 and getattr(args, "find_capacity", False):
+        profile = profile.with_name(f"{profile.stem}-{n}{profile.suffix}")
+    with CpuMeter() as cpu, profiled(pid, profile):
         if clients is None:
             results = await _sessions(url, speech, range(n), n, args, measured)
         else:
@@ -178,7 +194,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
     if args.soak:
         print(f"bench: soak, {args.sessions} session(s) x {args.soak:.0f} s", file=sys.stderr)
         with client_processes(True) as clients:
-            async with server_or_url(args.url, args.engine, hosts, own_process=True) as url:
+            async with server_or_url(args.url, args.engine, hosts, own_process=True,
+                                     workers=args.workers) as url:
                 out.update(await soak.soak(args, url, speech, clients))
         return out
     if impaired.wanted(args):
@@ -194,7 +211,8 @@ async def bench(args: argparse.Namespace) -> dict[str, Any]:
           f"({'server ' + args.url if args.url else f'{args.engine} engine, {where}'})",
           file=sys.stderr)
     with client_processes(many) as clients:
-        async with server_or_url(args.url, args.engine, hosts, own_process=many) as url:
+        async with server_or_url(args.url, args.engine, hosts, own_process=many,
+                                     workers=args.workers) as url:
             results, out["cpu"] = await run_sessions(url, speech, args.sessions, args,
                                                      measured=args.measured, clients=clients,
                                                      server_apart=many or bool(args.url))
@@ -223,7 +241,8 @@ async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: lis
     levels: list[dict[str, Any]] = []
     capacity = 0
     start = args.sessions if args.sessions > 1 else 1
-    async with server_or_url(args.url, args.engine, hosts, own_process=True) as url:
+    async with server_or_url(args.url, args.engine, hosts, own_process=True,
+                                     workers=args.workers) as url:
         workers = await session_processes(url)
         with client_processes(True) as clients:
             assert clients is not None

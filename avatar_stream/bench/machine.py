@@ -11,9 +11,14 @@ side costs, per session.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import shutil
+import signal
+import subprocess
+import sys
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,6 +182,35 @@ def split_meters(server_pid: int, client_pids: Callable[[], Iterable[int]] | Non
         return set(process_tree(server_pid)) - (clients() if server_pid == me else set())
 
     return TreeMeter(server), TreeMeter(clients)
+
+
+@contextlib.contextmanager
+def profiled(pid: int | None, path: Path | None) -> Iterator[None]:
+    """py-spy (the ``dev`` extra) samples the server's processes while the body runs and
+    writes a flame graph to ``path``: where a session's server CPU goes. Sampled without
+    pausing the server (``--nonblocking``), at 100 Hz."""
+    if pid is None or path is None:
+        yield
+        return
+    py_spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+    if not Path(py_spy).exists():
+        raise SystemExit("bench --profile: py-spy is not installed (pip install py-spy)")
+    proc = subprocess.Popen(
+        [py_spy, "record", "--pid", str(pid), "--subprocesses", "--nonblocking", "--rate",
+         "100", "--format", "flamegraph", "-o", str(path)],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        yield
+    finally:
+        proc.send_signal(signal.SIGINT)  # py-spy writes its output as it stops
+        try:
+            _, err = proc.communicate(timeout=60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            _, err = proc.communicate()
+        if not path.exists():
+            print(f"bench --profile: py-spy wrote nothing: {err.decode()[-500:]}",
+                  file=sys.stderr)
 
 
 def _read() -> list[int] | None:

@@ -316,7 +316,8 @@ def _interrupt_delays(times: list[float], frames: list[np.ndarray], interrupts: 
 
 @contextlib.asynccontextmanager
 async def server_or_url(
-    url: str | None, engine: str, host_addresses: list[str], own_process: bool = False
+    url: str | None, engine: str, host_addresses: list[str], own_process: bool = False,
+    workers: str = "auto",
 ) -> AsyncIterator[str]:
     """The given server, or the real server started on loopback: in this process, or in a
     process of its own (so that measuring many sessions does not share one interpreter
@@ -325,7 +326,7 @@ async def server_or_url(
         yield url
         return
     if own_process:
-        async with _server_process(engine, host_addresses) as local_url:
+        async with _server_process(engine, host_addresses, workers) as local_url:
             yield local_url
         return
     from avatar_stream.transports.http.app import running_server
@@ -337,14 +338,15 @@ async def server_or_url(
 
 
 @contextlib.asynccontextmanager
-async def _server_process(engine: str, host_addresses: list[str]) -> AsyncIterator[str]:
+async def _server_process(engine: str, host_addresses: list[str], workers: str = "auto"
+                          ) -> AsyncIterator[str]:
     with socket.socket() as s:  # a free port (the server binds it right after)
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "avatar_stream", "serve", "--port", str(port),
         "--engine", engine, "--max-sessions", "64",
-        "--ice-host-addresses", ",".join(host_addresses),
+        "--ice-host-addresses", ",".join(host_addresses), "--workers", workers,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )
     url = f"http://127.0.0.1:{port}"

@@ -185,11 +185,21 @@ class OpusPacketEncoder:
     CELT only ("lowdelay"): 2.5 ms of look-ahead instead of SILK's 6.5 ms, and at this
     bitrate speech loses nothing to it. Complexity 5 halves libopus's time against its
     default of 10. A mono packet is valid in the stereo stream WebRTC negotiates: decoders
-    play it on both channels."""
+    play it on both channels.
+
+    Silence (an idle avatar sends it most of the time) is encoded until libopus's packets
+    for it stop changing (a few frames: it is then in the same state as the decoder that
+    played them); from then on that packet is sent again as it is, and libopus's 85 us a
+    frame, on the event loop, are saved until sound comes back."""
+
+    SETTLE = 3  # identical silent packets in a row before the packet is reused
 
     def __init__(self, bitrate: int = OPUS_BITRATE) -> None:
         self.bitrate = bitrate  # a new value takes effect at the next packet
         self.codec = self._open(bitrate)
+        self._silent: bytes | None = None  # the last silent packet libopus made
+        self._silent_run = 0  # how many in a row were that packet
+        self.reused = 0
 
     @staticmethod
     def _open(bitrate: int) -> av.AudioCodecContext:
@@ -207,7 +217,16 @@ class OpusPacketEncoder:
         assert frame.pts is not None and frame.time_base is not None
         if self.bitrate != self.codec.bit_rate:  # (each packet stands alone: no glitch)
             self.codec = self._open(self.bitrate)
-        (packet,) = self.codec.encode(frame)  # libopus returns each 20 ms frame at once
+            self._silent, self._silent_run = None, 0
+        silent = not frame.to_ndarray().any()
+        if silent and self._silent is not None and self._silent_run >= self.SETTLE:
+            packet = av.Packet(self._silent)
+            self.reused += 1
+        else:
+            (packet,) = self.codec.encode(frame)  # libopus returns each 20 ms frame at once
+            data = bytes(packet) if silent else None
+            self._silent_run = self._silent_run + 1 if data and data == self._silent else 0
+            self._silent = data
         packet.pts = convert_timebase(frame.pts, frame.time_base, OPUS_TIME_BASE)
         packet.time_base = OPUS_TIME_BASE
         return packet

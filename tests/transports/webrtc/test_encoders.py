@@ -149,3 +149,33 @@ def test_opus_packets_decode_back_to_the_speech() -> None:
     # the codec's own delay is a few milliseconds; past it the waveform matches
     best = max(np.corrcoef(pcm[d : 40_000 + d, 0], tone[:40_000])[0, 1] for d in range(0, 400))
     assert best > 0.95, best
+
+
+def test_opus_silence_is_encoded_until_it_settles_then_reused() -> None:
+    """An idle avatar's silence costs one libopus call per frame only until its packets
+    stop changing; speech after it is encoded (and decodes) as before."""
+    encoder = OpusPacketEncoder()
+    decoder = av.CodecContext.create("libopus", "r")
+
+    def frame(k: int, pcm: np.ndarray) -> av.AudioFrame:
+        f = av.AudioFrame.from_ndarray(pcm[None, :], layout="mono")
+        f.sample_rate, f.pts, f.time_base = 48_000, k * 960, fractions.Fraction(1, 48_000)
+        return f
+
+    t = np.arange(960) / 48_000
+    tone = (8000 * np.sin(2 * np.pi * 300 * t)).astype(np.int16)
+    packets = [encoder.encode(frame(k, tone)) for k in range(5)]
+    packets += [encoder.encode(frame(k, np.zeros(960, np.int16))) for k in range(5, 55)]
+    # the first silent frames went through libopus (its tail of the tone decays)
+    assert 25 <= encoder.reused <= 47, encoder.reused
+    silent = {bytes(p) for p in packets[55 - encoder.reused - 1:55]}
+    assert len(silent) == 1  # then one packet, sent again
+    assert [p.pts for p in packets] == [k * 960 for k in range(55)]  # each on its own time
+    reused = encoder.reused
+    packets += [encoder.encode(frame(k, tone)) for k in range(55, 60)]
+    assert encoder.reused == reused  # sound again: encoded
+    out = [decoder.decode(p) for p in packets]
+    assert all(len(o) == 1 and o[0].samples == 960 for o in out)
+    loud = np.abs(np.concatenate([o[0].to_ndarray().ravel() for o in out[56:]])).max()
+    assert loud > 3000
+    assert not np.concatenate([o[0].to_ndarray().ravel() for o in out[45:55]]).any()
