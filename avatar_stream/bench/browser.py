@@ -200,13 +200,8 @@ def chromium_bench(args: argparse.Namespace, speech: np.ndarray, rate: int) -> d
         write_speech_wav(wav, speech, rate)
         base = f"http://127.0.0.1:{PORT}"
         log = Path(tmp) / "server.log"
-        with open(log, "wb") as server_log:
-            server = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "avatar_stream", "serve",
-                 "--host", "127.0.0.1", "--port", str(PORT), "--engine", args.engine,
-                 "--ice-host-addresses", "127.0.0.1"], stdout=server_log,
-                stderr=subprocess.STDOUT)
-        try:
+        with netns.serve_in(ns, "127.0.0.1", PORT, args.engine, log,
+                            "--ice-host-addresses", "127.0.0.1") as server:
             raw_path = Path(tmp) / "raw.json"
             print(f"bench: one session in headless Chromium x {args.duration:.0f} s",
                   file=sys.stderr, flush=True)
@@ -227,18 +222,12 @@ def chromium_bench(args: argparse.Namespace, speech: np.ndarray, rate: int) -> d
                 if line.startswith("stopped") and measuring:
                     cpu = {"server_cores": server_cpu.stop(), "browser_cores": browser_cpu.stop()}
             driver.wait(timeout=60)
+            driver.stderr.close()
             if not raw_path.exists():
                 tail = log.read_text(errors="replace")[-1500:]
                 raise RuntimeError(f"the browser measured nothing (exit {driver.returncode});"
                                    f" server log:\n{tail}")
             raw = json.loads(raw_path.read_text())
-        finally:
-            server.terminate()
-            try:
-                server.wait(timeout=15)
-            except subprocess.TimeoutExpired:
-                server.kill()
-                server.wait()
     if "error" in raw:
         raise RuntimeError(f"the browser driver failed:\n{raw['error']}")
     out: dict[str, Any] = {"browser": browser_figures(raw), "browser_raw": raw}

@@ -13,7 +13,6 @@ import argparse
 import asyncio
 import contextlib
 import multiprocessing
-import subprocess
 import sys
 import tempfile
 import time
@@ -80,25 +79,6 @@ def _ready(_: int) -> None:
     return None
 
 
-@contextlib.contextmanager
-def server_in(link: netns.Link, engine: str, log: Path) -> Iterator[subprocess.Popen[bytes]]:
-    with open(log, "wb") as out:
-        proc = subprocess.Popen(
-            ["ip", "netns", "exec", link.server_ns, sys.executable, "-m", "avatar_stream",
-             "serve", "--host", link.server_ip, "--port", str(SERVER_PORT), "--engine", engine,
-             "--max-sessions", "64"],
-            stdout=out, stderr=subprocess.STDOUT)
-    try:
-        yield proc
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(timeout=15)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-
-
 async def impaired_bench(args: argparse.Namespace, speech: np.ndarray) -> dict[str, Any]:
     from avatar_stream.bench.cli import run_sessions
 
@@ -116,7 +96,8 @@ async def impaired_bench(args: argparse.Namespace, speech: np.ndarray) -> dict[s
         client_args = argparse.Namespace(**vars(args))
         client_args.ice_host_addresses = ""
         log = Path(tmp) / "server.log"
-        with server_in(link, args.engine, log) as server, \
+        with netns.serve_in(link.server_ns, link.server_ip, SERVER_PORT, args.engine, log,
+                            "--max-sessions", "64") as server, \
                 clients_in(link.client_ns, min(args.sessions, cores())) as clients:
             loop = asyncio.get_running_loop()
             try:

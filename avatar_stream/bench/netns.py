@@ -29,6 +29,8 @@ import subprocess
 import sys
 from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
 DEFAULT_PREFIX = "avsb"
 CLONE_NEWNET = 0x40000000
@@ -202,6 +204,32 @@ table inet {TABLE} {{
                 if stream:
                     stream.close()
         self._delay_lines.clear()
+
+
+def stop(proc: subprocess.Popen[Any], timeout: float = 15) -> None:
+    """SIGTERM (a server closes its sessions), then SIGKILL after ``timeout`` seconds."""
+    proc.terminate()
+    try:
+        proc.wait(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait()
+
+
+@contextlib.contextmanager
+def serve_in(ns: str, host: str, port: int, engine: str, log: Path,
+             *options: str) -> Iterator[subprocess.Popen[bytes]]:
+    """``avatar-stream serve`` inside namespace ``ns`` (its output to ``log``), stopped on
+    the way out."""
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(
+            ["ip", "netns", "exec", ns, sys.executable, "-m", "avatar_stream", "serve",
+             "--host", host, "--port", str(port), "--engine", engine, *options],
+            stdout=out, stderr=subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        stop(proc)
 
 
 def rate_bps(rate: str) -> int:

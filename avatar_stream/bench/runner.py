@@ -208,7 +208,7 @@ def measure(client: AvatarClient, script: Script, speech: np.ndarray) -> Session
         av_offset=offsets,
         frame_intervals=intervals,
         pts_monotonic=bool(np.all(np.diff(rec.video_pts) > 0)),
-        fps=rec.fps(),
+        fps=rec.fps(until=script.end or None),
         interrupt_to_silence=_interrupt_delays(rec.audio_t, rec.audio, script.interrupts),
         interrupt_to_silence_net=_interrupt_delays(rec.audio_net_t, rec.audio,
                                                    script.interrupts),
@@ -221,6 +221,7 @@ def measure(client: AvatarClient, script: Script, speech: np.ndarray) -> Session
             "received_envelope": recv.tolist(),
             "mouth": mouth.tolist() if mouth is not None else [],
             "video_t": (vt - start).tolist(), "video_key": list(rec.video_key),
+            "end": script.end,  # the script's end (perf_counter): closing comes after
             "clips": [(c[0] - start, c[1], c[2])
                                                          for c in script.clips],
             "interrupts": [t - start for t in script.interrupts],

@@ -91,6 +91,9 @@ async def soak(args: argparse.Namespace, url: str, speech: np.ndarray,
 def soak_figures(samples: list[dict[str, float]], results: list[SessionResult],
                  t0: float) -> dict[str, Any]:
     """First minute against last; freezes; echo latency minute by minute."""
+    ends = [r.timeline["end"] - t0 for r in results if r.timeline.get("end")]
+    if ends:  # the sessions' closing is not the steady state
+        samples = [s for s in samples if s["t"] <= min(ends)] or samples
     out: dict[str, Any] = {"duration_s": samples[-1]["t"] if samples else 0.0}
     if samples:
         end = samples[-1]["t"]
@@ -157,6 +160,8 @@ def plot(path: Path, out: dict[str, Any]) -> None:
         if len(e):
             axes[2].plot(e[:, 0] - t0, e[:, 1] * 1000, ".", ms=3, label=f"session {i + 1}")
         vt = np.asarray(r.timeline.get("video_t", []))
+        if r.timeline.get("end"):  # not the closing
+            vt = vt[vt <= r.timeline["end"] - r.timeline["t0"]]
         if len(vt) > 1:
             axes[3].plot(vt[1:], np.diff(vt) * 1000, lw=0.5)
     axes[2].set_ylabel("echo latency (ms)")

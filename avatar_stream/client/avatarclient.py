@@ -177,8 +177,9 @@ class Received:
     audio_packets: list[tuple[float, int, int, bytes]] = field(default_factory=list)
     events: list[tuple[float, dict[str, Any]]] = field(default_factory=list)
 
-    def fps(self, since: float | None = None) -> float:
-        ts = [t for t in self.video_t if since is None or t >= since]
+    def fps(self, since: float | None = None, until: float | None = None) -> float:
+        ts = [t for t in self.video_t
+              if (since is None or t >= since) and (until is None or t <= until)]
         return (len(ts) - 1) / (ts[-1] - ts[0]) if len(ts) > 1 and ts[-1] > ts[0] else 0.0
 
     def audio_samples(self) -> np.ndarray:

@@ -57,7 +57,8 @@ async def test_metrics_move_during_a_session(speech48k) -> None:
     assert np.isfinite(value(during, "avatar_av_skew_seconds", f'{{session="{sid}"}}'))
     assert 0 <= value(during, "avatar_playout_reserve_seconds", f'{{session="{sid}"}}') <= 0.1
     value(during, "avatar_speech_queue_seconds", f'{{session="{sid}"}}')
-    # the process's own figures (the benchmark reads the server's CPU off them)
+    # the process's own figures, and its event loop's tasks (the soak watches them)
+    assert value(during, "avatar_event_loop_tasks") > 5
     assert value(after, "process_cpu_seconds_total") > value(during, "process_cpu_seconds_total")
     assert value(after, "process_resident_memory_bytes") > 50e6
     # a session's counters outlive it
