@@ -30,6 +30,7 @@ from avatar_stream.scale.workers import WorkerError, WorkerPool
 from avatar_stream.transports.http.auth import (
     cors_middleware,
 )
+from avatar_stream.transports.http.errors import json_errors
 from avatar_stream.transports.http.health import (
     WEB_DIR,
     client_config,
@@ -48,6 +49,7 @@ from avatar_stream.transports.http.sessions import (
 )
 from avatar_stream.transports.http.speech import end_utterance, push_audio, say, websocket
 from avatar_stream.transports.http.state import STATE, ServerState
+from avatar_stream.transports.http.whep import whep_routes
 from avatar_stream.transports.webrtc import internals as aiortc_internals
 from avatar_stream.transports.webrtc.ice import restrict_host_addresses
 from avatar_stream.transports.webrtc.internals import AiortcMismatch
@@ -102,7 +104,7 @@ async def count_errors(request: web.Request, handler: Any) -> web.StreamResponse
 
 def create_app(state: ServerState) -> web.Application:
     config = state.config
-    middlewares: list[Any] = [count_errors]
+    middlewares: list[Any] = [count_errors, json_errors]
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
     if config.workers > 1 and state.pool is None:
@@ -112,7 +114,7 @@ def create_app(state: ServerState) -> web.Application:
     forwarder = Forwarder.create(config, lambda sid: sid in state.sessions or sid in state.ended,
                                  (lambda: pool.addresses) if pool else None)
     if forwarder:
-        middlewares.insert(len(middlewares) - 1, forwarder.middleware)
+        middlewares.insert(len(middlewares) - 2, forwarder.middleware)
     # bodies are limited per route (body.py); this is only the outer bound
     app = web.Application(
         client_max_size=max(MAX_OFFER_BYTES, config.max_audio_bytes), middlewares=middlewares
@@ -135,6 +137,7 @@ def create_app(state: ServerState) -> web.Application:
             web.post("/v1/sessions/{id}/end", end_utterance),
             web.post("/v1/sessions/{id}/say", say),
             web.get("/v1/sessions/{id}/ws", websocket),
+            *whep_routes(),
         ]
     )
     # avatars (upload, list, preview, delete) and offline animation: avatars_api.py

@@ -40,6 +40,15 @@ async def read_limited(source: web.Request | BodyPartReader, limit: int, what: s
         chunks.append(chunk)
 
 
+async def read_text(request: web.Request, limit: int, what: str) -> str:
+    """A text body (SDP, an SDP fragment) in its charset; 400 when it is not text."""
+    raw = await read_limited(request, limit)
+    try:
+        return raw.decode(request.charset or "utf-8")
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise HTTPJSONError(400, f"{what} is not valid text: {exc}") from exc
+
+
 async def read_json_object(request: web.Request, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise HTTPJSONError(415, "send application/json")

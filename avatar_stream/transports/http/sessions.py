@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from avatar_stream.avatars.store import DEFAULT_ID
+from avatar_stream.config import IceServer
 from avatar_stream.core.session import Session
 from avatar_stream.scale.routing import FORWARDED, owned_id
 from avatar_stream.transports.http.auth import (
@@ -19,8 +20,8 @@ from avatar_stream.transports.http.auth import (
     passed_on,
     retry_after,
 )
-from avatar_stream.transports.http.body import read_limited
-from avatar_stream.transports.http.errors import HTTPJSONError, auth_error, json_error
+from avatar_stream.transports.http.body import read_text
+from avatar_stream.transports.http.errors import HTTPJSONError, auth_error
 from avatar_stream.transports.http.state import STATE, ServerState
 from avatar_stream.transports.webrtc.peer import OfferError, WebRTCPeer
 from avatar_stream.transports.webrtc.turn import session_ice_servers
@@ -66,11 +67,7 @@ def session_for(request: web.Request, allow_query_token: bool = False, touch: bo
 async def _read_offer(request: web.Request) -> tuple[str, str | None, bool]:
     """Returns (sdp, avatar id, whether the client speaks WHEP-style application/sdp)."""
     ctype = request.content_type
-    raw = await read_limited(request, MAX_OFFER_BYTES)
-    try:
-        body = raw.decode(request.charset or "utf-8")
-    except (UnicodeDecodeError, LookupError) as exc:
-        raise HTTPJSONError(400, f"the offer is not valid text: {exc}") from exc
+    body = await read_text(request, MAX_OFFER_BYTES, "the offer")
     if ctype == "application/sdp":
         return body, request.query.get("avatar"), True
     if ctype != "application/json":
@@ -89,12 +86,15 @@ async def _read_offer(request: web.Request) -> tuple[str, str | None, bool]:
     return data["sdp"], avatar, False
 
 
-async def create_session(request: web.Request) -> web.StreamResponse:
+async def admit(request: web.Request) -> web.StreamResponse | None:
+    """What every session creation checks before its offer is read: credentials (401) and
+    the per-address limit (429); with worker processes, a worker answers the request (its
+    answer is returned) or none has room (503)."""
     state = request.app[STATE]
     require_server(request)
     wait = state.creations.hit(client_ip(request, state.config.trust_forwarded_for))
     if wait:
-        return json_error(
+        raise HTTPJSONError(
             429, f"too many sessions created from this address (at most "
             f"{state.config.sessions_per_ip_per_minute} a minute)",
             **{"Retry-After": retry_after(wait)},
@@ -104,21 +104,29 @@ async def create_session(request: web.Request) -> web.StreamResponse:
         if response is not None:
             return response
         state.metrics.refused.inc()
-        return json_error(
-            503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
-        )
-    sdp, avatar_id, whep = await _read_offer(request)
+        raise _full(state)
+    return None
+
+
+def _full(state: ServerState) -> HTTPJSONError:
+    return HTTPJSONError(503, f"server full ({state.max_sessions} sessions)",
+                         **{"Retry-After": "5"})
+
+
+async def open_session(request: web.Request, sdp: str, avatar_id: str | None
+                       ) -> tuple[Session, str, list[IceServer]]:
+    """A new session answering ``sdp``: (session, SDP answer, the ICE servers it was given,
+    with fresh TURN credentials). Raises HTTPJSONError 400 / 404 / 503."""
+    state = request.app[STATE]
     if not sdp.lstrip().startswith("v=0"):
-        return json_error(400, "invalid SDP offer: it must start with 'v=0'")
+        raise HTTPJSONError(400, "invalid SDP offer: it must start with 'v=0'")
     avatar = state.avatars.get(avatar_id or DEFAULT_ID)
     if avatar is None:
-        return json_error(404, f"unknown avatar {avatar_id!r}")
+        raise HTTPJSONError(404, f"unknown avatar {avatar_id!r}")
     if not state.has_capacity:
         if request.headers.get(FORWARDED) != "front":  # the front tries another worker
             state.metrics.refused.inc()
-        return json_error(
-            503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
-        )
+        raise _full(state)
     ice_servers = session_ice_servers(state.config)  # fresh TURN credentials
     assert state.engine is not None and state.worker is not None  # only a front has none
     session = Session(
@@ -131,7 +139,17 @@ async def create_session(request: web.Request) -> web.StreamResponse:
     try:
         answer = await WebRTCPeer(session).accept(sdp)
     except OfferError as exc:
-        return json_error(400, str(exc))
+        raise HTTPJSONError(400, str(exc)) from None
+    return session, answer, ice_servers
+
+
+async def create_session(request: web.Request) -> web.StreamResponse:
+    answered = await admit(request)
+    if answered is not None:
+        return answered
+    state = request.app[STATE]
+    sdp, avatar_id, whep = await _read_offer(request)
+    session, answer, ice_servers = await open_session(request, sdp, avatar_id)
     location = f"/v1/sessions/{session.id}"
     token, expires = state.guard.tokens.issue(session.id, state.token_ttl_s)
     if whep:
@@ -146,7 +164,7 @@ async def create_session(request: web.Request) -> web.StreamResponse:
             "session_id": session.id,
             "type": "answer",
             "sdp": answer,
-            "avatar": avatar.info(),
+            "avatar": session.avatar.info(),
             "ice_servers": [s.to_json() for s in ice_servers],
             "token": token,
             "token_expires_at": expires,
