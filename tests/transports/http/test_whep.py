@@ -170,6 +170,10 @@ async def test_endpoint_answers_with_whep_headers(server) -> None:
         async with http.delete(f"{url}{location}") as r:
             assert r.status == 204
         assert sid not in state.sessions
+        async with http.delete(f"{url}{location}") as r:
+            assert r.status == 204  # idempotent: a player may DELETE after its pc closed
+        async with http.delete(f"{url}/v1/sessions/{sid}") as r:
+            assert r.status == 410  # the JSON API says why it ended
         async with http.patch(f"{url}{location}", data=fragment(viewer.pc.localDescription.sdp,
                                                                 [], True), headers=FRAG) as r:
             assert r.status == 410

@@ -1,0 +1,165 @@
+"""A third-party WHEP player (the npm package ``whip-whep``, by the draft's author) plays the
+avatar in headless Debian Chromium, from a page on another origin, with its candidates
+trickled after the POST, and once more through a real TURN server (coturn).
+
+Chromium, the page, the server and coturn share a fresh network namespace that has only
+``lo`` (TESTING.md); ``whep_driver.py`` runs the browser inside it and reports JSON.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+DRIVER = ROOT / "tests" / "whep_driver.py"
+WHEP_JS = ROOT / "tests" / "npm" / "node_modules" / "whip-whep" / "whep.js"
+PORT, PAGE_PORT, TURN_PORT = 8090, 8091, 3478  # the namespace is fresh: all free
+KEY = "whep-player-key"
+SECRET = "whep-player-turn-secret"
+
+
+def _cannot_run() -> str | None:
+    if os.geteuid() != 0:
+        return "network namespaces need root"
+    for tool in ("ip", "turnserver"):
+        if shutil.which(tool) is None:
+            return f"{tool} is not installed (make install-test installs it)"
+    if not WHEP_JS.exists():
+        return "tests/npm is not installed (make install-test runs npm ci there)"
+    return None
+
+
+pytestmark = [pytest.mark.timeout(240),
+              pytest.mark.skipif(_cannot_run() is not None, reason=str(_cannot_run()))]
+
+
+def _run(*cmd: str) -> None:
+    subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True)
+
+
+@pytest.fixture
+def netns():
+    """A namespace with only ``lo`` up; deleted, with everything in it, at the end."""
+    name = f"avw_whep_{os.getpid()}"
+    _run("ip", "netns", "add", name)
+    try:
+        _run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
+        yield name
+    finally:
+        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
+        for pid in pids.stdout.split():  # all started by this test
+            try:
+                os.kill(int(pid), signal.SIGKILL)
+            except (ProcessLookupError, ValueError):
+                pass
+        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
+
+
+def _start(netns: str, cmd: list[str], log: Path) -> subprocess.Popen:
+    with open(log, "wb") as f:
+        return subprocess.Popen(["ip", "netns", "exec", netns, *cmd], cwd=ROOT, stdout=f,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+
+
+def _stop(proc: subprocess.Popen) -> None:
+    proc.send_signal(signal.SIGTERM)
+    try:
+        proc.wait(timeout=10)
+    except subprocess.TimeoutExpired:
+        proc.kill()
+        proc.wait(timeout=10)
+
+
+def _tail(path: Path, n: int = 40) -> str:
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
+    except OSError:
+        return "(no log)"
+
+
+@pytest.fixture
+def stack(netns: str, tmp_path: Path):
+    """coturn (a shared secret, loopback peers allowed) and the server that mints
+    credentials for it, answering CORS for the player's page origin."""
+    turn_log, server_log = tmp_path / "turn.log", tmp_path / "server.log"
+    turn = _start(netns, [
+        "turnserver", "-n", "--listening-ip=127.0.0.1", f"--listening-port={TURN_PORT}",
+        "--relay-ip=127.0.0.1", "--min-port=49152", "--max-port=49407",
+        "--use-auth-secret", f"--static-auth-secret={SECRET}", "--realm=avatar-stream.test",
+        "--allow-loopback-peers", "--no-tls", "--no-dtls", "--no-cli", "--log-file=stdout",
+        "--simple-log"], turn_log)
+    avatar_stream = Path(sys.executable).parent / "avatar-stream"
+    server = _start(netns, [
+        str(avatar_stream), "serve", "--host", "127.0.0.1", "--port", str(PORT),
+        "--ice-host-addresses", "127.0.0.1", "--api-key", KEY,
+        "--cors-origin", f"http://127.0.0.1:{PAGE_PORT}",
+        "--turn-url", f"turn:127.0.0.1:{TURN_PORT}?transport=udp", "--turn-secret", SECRET,
+        "--workers", "1"], server_log)
+    try:
+        yield netns, server, server_log, turn, turn_log
+    finally:
+        _stop(server)
+        _stop(turn)
+
+
+def test_whep_player_plays_the_avatar_with_trickle_and_through_turn(stack, tmp_path) -> None:
+    netns, server, server_log, turn, turn_log = stack
+    cmd = ["ip", "netns", "exec", netns, sys.executable, str(DRIVER),
+           "--base", f"http://127.0.0.1:{PORT}", "--token", KEY, "--page-port", str(PAGE_PORT),
+           "--policy", "all", "--policy", "relay"]  # fmt: skip
+    driver = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=ROOT,
+                            env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
+    lines = driver.stdout.strip().splitlines()
+
+    def context() -> str:
+        return (f"\nserver log:\n{_tail(server_log)}\nturn log:\n{_tail(turn_log, 20)}"
+                f"\ndriver stderr:\n{driver.stderr[-3000:]}")
+
+    assert driver.returncode == 0 and lines, context()
+    res = json.loads(lines[-1])
+    (tmp_path / "whep_result.json").write_text(json.dumps(res, indent=1))
+    assert "error" not in res, res["error"] + context()
+    assert server.poll() is None and turn.poll() is None, context()
+    for policy in ("all", "relay"):
+        run = res[policy]
+        detail = json.dumps({k: v for k, v in run.items() if k != "requests"})
+        requests = run.get("requests", [])
+        print(f"\nWHEP player, {policy} candidates: {run.get('frames_after_s')} s to 25 "
+              f"frames, {run.get('fps')} fps, pair {run.get('pair')}, requests "
+              + ", ".join(f"{r['method']} {r.get('status')} {r['candidates']}"
+                          f"{' end' if r['end'] else ''}" for r in requests))
+        assert "error" not in run and not run["errors"], detail + context()
+        post, *patches, delete = requests
+        # the offer went before any candidate was gathered; they followed by PATCH
+        assert post["method"] == "POST" and post["status"] == 201, post
+        assert post["candidates"] == [], post
+        assert patches and all(p["method"] == "PATCH" and p["status"] == 204
+                               for p in patches), patches
+        assert any(p["candidates"] for p in patches) and any(p["end"] for p in patches)
+        # what a page on another origin must be able to read
+        headers = post["headers"]
+        assert headers["location"].endswith("/whep") and headers["etag"], headers
+        assert headers["x-session-token"], headers
+        assert f'<turn:127.0.0.1:{TURN_PORT}?transport=udp>; rel="ice-server"; username=' \
+            in headers["link"], headers
+        # the avatar played: frames at (near) its rate, showing a picture (not a flat one)
+        assert run["fps"] >= 15, detail
+        picture = run["picture"]
+        assert (picture["width"], picture["height"]) == (512, 512), picture
+        assert picture["std"] > 20, picture
+        assert delete["method"] == "DELETE" and delete["status"] == 204, delete
+    # relay only: every candidate the player trickled was a relay one, and media went
+    # through coturn
+    relay = res["relay"]
+    trickled = [c for p in relay["requests"][1:-1] for c in p["candidates"]]
+    assert trickled and all(c.startswith("relay ") for c in trickled), trickled
+    assert relay["pair"] and relay["pair"]["local"] == "relay", relay["pair"]
+    assert server.poll() is None, "server died" + context()
