@@ -102,7 +102,7 @@ def stack(netns: str, tmp_path: Path):
         "--ice-host-addresses", "127.0.0.1", "--api-key", KEY,
         "--cors-origin", f"http://127.0.0.1:{PAGE_PORT}",
         "--turn-url", f"turn:127.0.0.1:{TURN_PORT}?transport=udp", "--turn-secret", SECRET,
-        "--workers", "1"], server_log)
+        ], server_log)  # --workers auto: calls reach each session's worker through the front
     try:
         yield netns, server, server_log, turn, turn_log
     finally:
