@@ -1,5 +1,5 @@
-"""Play the avatar with a third-party WHEP player in headless Debian Chromium; print one JSON
-line of what the page saw.
+"""Play the avatar with a third-party WHEP player in headless Debian Chromium (or, with
+``--docs``, read the API's docs page); print one JSON line of what the page saw.
 
 Test support for tests/web/test_whep_player.py, not a test module. It runs *inside* the
 test's network namespace with the server and coturn. It serves a page from another origin
@@ -140,12 +140,30 @@ def play(page, args, policy: str) -> dict:
     return out
 
 
+def read_docs(page, args) -> dict:
+    """The API's docs page as a reader sees it: every operation listed, one opened."""
+    page.goto(f"{args.base}/docs")
+    page.wait_for_selector(".opblock", timeout=20_000)
+    page.wait_for_timeout(500)
+    ops = page.eval_on_selector_all(
+        ".opblock", "els => els.map(e => [e.querySelector('.opblock-summary-method')"
+        ".textContent, e.querySelector('.opblock-summary-path').textContent.trim()])")
+    page.click("#operations-whep-whepOffer .opblock-summary")
+    page.wait_for_selector("#operations-whep-whepOffer .opblock-body", timeout=10_000)
+    page.screenshot(path=args.screenshot, full_page=False)
+    title = page.text_content(".info .title") or ""
+    body = page.text_content("#operations-whep-whepOffer .opblock-body") or ""
+    return {"operations": ops, "title": title, "whep_body_has_link": "ice-server" in body}
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--base", required=True, help="the server, e.g. http://127.0.0.1:8090")
-    ap.add_argument("--token", required=True, help="the API key, the player's bearer token")
+    ap.add_argument("--token", default="", help="the API key, the player's bearer token")
     ap.add_argument("--page-port", type=int, default=8091)
     ap.add_argument("--policy", action="append", choices=["all", "relay"])
+    ap.add_argument("--docs", action="store_true", help="read the API's docs page instead")
+    ap.add_argument("--screenshot", default="/tmp/avw-docs.png")
     ap.add_argument("--health-timeout", type=float, default=90)
     ap.add_argument("--connect-timeout", type=float, default=30)
     ap.add_argument("--window", type=float, default=3.0)
@@ -155,7 +173,8 @@ def main() -> int:
     httpd = root = None
     try:
         wait_healthy(args.base, args.health_timeout)
-        httpd, root = serve_page(args.page_port)
+        if not args.docs:
+            httpd, root = serve_page(args.page_port)
         with sync_playwright() as p, tempfile.TemporaryDirectory() as profile:
             browser = p.chromium.launch_persistent_context(
                 profile, executable_path=CHROMIUM, headless=True, args=chromium_args(None))
@@ -163,7 +182,9 @@ def main() -> int:
                 page = browser.pages[0] if browser.pages else browser.new_page()
                 page.on("console", lambda m: out["console"].append(f"{m.type}: {m.text}"))
                 page.on("pageerror", lambda e: out["page_errors"].append(str(e)))
-                for policy in args.policy or ["all"]:
+                if args.docs:
+                    out["docs"] = read_docs(page, args)
+                for policy in [] if args.docs else args.policy or ["all"]:
                     try:
                         out[policy] = play(page, args, policy)
                     except Exception:

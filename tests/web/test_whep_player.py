@@ -14,9 +14,13 @@ import shutil
 import signal
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+
+from avatar_stream.config import ServerConfig
+from avatar_stream.transports.http.openapi import spec
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "whep_driver.py"
@@ -45,7 +49,7 @@ def _run(*cmd: str) -> None:
     subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True)
 
 
-@pytest.fixture
+@pytest.fixture(scope="module")
 def netns():
     """A namespace with only ``lo`` up; deleted, with everything in it, at the end."""
     name = f"avw_whep_{os.getpid()}"
@@ -85,11 +89,12 @@ def _tail(path: Path, n: int = 40) -> str:
         return "(no log)"
 
 
-@pytest.fixture
-def stack(netns: str, tmp_path: Path):
+@pytest.fixture(scope="module")
+def stack(netns: str, tmp_path_factory: pytest.TempPathFactory):
     """coturn (a shared secret, loopback peers allowed) and the server that mints
     credentials for it, answering CORS for the player's page origin."""
-    turn_log, server_log = tmp_path / "turn.log", tmp_path / "server.log"
+    logs = tmp_path_factory.mktemp("whep")
+    turn_log, server_log = logs / "turn.log", logs / "server.log"
     turn = _start(netns, [
         "turnserver", "-n", "--listening-ip=127.0.0.1", f"--listening-port={TURN_PORT}",
         "--relay-ip=127.0.0.1", "--min-port=49152", "--max-port=49407",
@@ -110,11 +115,11 @@ def stack(netns: str, tmp_path: Path):
         _stop(turn)
 
 
-def test_whep_player_plays_the_avatar_with_trickle_and_through_turn(stack, tmp_path) -> None:
+def _drive(stack, *args: str) -> tuple[dict, Callable[[], str]]:
+    """Run the driver in the namespace: (its JSON result, the logs for a failure message)."""
     netns, server, server_log, turn, turn_log = stack
     cmd = ["ip", "netns", "exec", netns, sys.executable, str(DRIVER),
-           "--base", f"http://127.0.0.1:{PORT}", "--token", KEY, "--page-port", str(PAGE_PORT),
-           "--policy", "all", "--policy", "relay"]  # fmt: skip
+           "--base", f"http://127.0.0.1:{PORT}", *args]  # fmt: skip
     driver = subprocess.run(cmd, capture_output=True, text=True, timeout=200, cwd=ROOT,
                             env={**os.environ, "PYTHONPATH": str(ROOT / "tests")})
     lines = driver.stdout.strip().splitlines()
@@ -125,8 +130,15 @@ def test_whep_player_plays_the_avatar_with_trickle_and_through_turn(stack, tmp_p
 
     assert driver.returncode == 0 and lines, context()
     res = json.loads(lines[-1])
-    (tmp_path / "whep_result.json").write_text(json.dumps(res, indent=1))
     assert "error" not in res, res["error"] + context()
+    return res, context
+
+
+def test_whep_player_plays_the_avatar_with_trickle_and_through_turn(stack, tmp_path) -> None:
+    netns, server, server_log, turn, turn_log = stack
+    res, context = _drive(stack, "--token", KEY, "--page-port", str(PAGE_PORT),
+                          "--policy", "all", "--policy", "relay")
+    (tmp_path / "whep_result.json").write_text(json.dumps(res, indent=1))
     assert server.poll() is None and turn.poll() is None, context()
     for policy in ("all", "relay"):
         run = res[policy]
@@ -163,3 +175,18 @@ def test_whep_player_plays_the_avatar_with_trickle_and_through_turn(stack, tmp_p
     assert trickled and all(c.startswith("relay ") for c in trickled), trickled
     assert relay["pair"] and relay["pair"]["local"] == "relay", relay["pair"]
     assert server.poll() is None, "server died" + context()
+
+
+def test_the_api_docs_page_shows_every_operation(stack, tmp_path) -> None:
+    """Swagger UI, served by the server itself (no CDN: the namespace has no other host),
+    lists every operation of /openapi.json and opens one."""
+    shot = tmp_path / "docs.png"
+    res, context = _drive(stack, "--docs", "--screenshot", str(shot))
+    docs = res["docs"]
+    described = {(m.upper(), p) for p, item in spec(ServerConfig(api_key=KEY))["paths"].items()
+                 for m in item if m != "parameters"}
+    shown = {(m.upper(), p.replace("\u200b", "")) for m, p in docs["operations"]}
+    print(f"\ndocs page: {len(shown)} operations shown; screenshot {shot}")
+    assert shown == described, (shown ^ described, context())
+    assert docs["title"].startswith("avatar-stream") and docs["whep_body_has_link"], docs
+    assert shot.stat().st_size > 10_000

@@ -34,11 +34,13 @@ from avatar_stream.transports.http.errors import json_errors
 from avatar_stream.transports.http.health import (
     WEB_DIR,
     client_config,
+    files,
     healthz,
     index,
     metrics,
     readyz,
 )
+from avatar_stream.transports.http.openapi import openapi_routes
 from avatar_stream.transports.http.sessions import (
     MAX_OFFER_BYTES,
     create_session,
@@ -123,7 +125,7 @@ def create_app(state: ServerState) -> web.Application:
     app.add_routes(
         [
             web.get("/", index),
-            web.static("/web", WEB_DIR),
+            files("/web", WEB_DIR),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics),
@@ -138,6 +140,7 @@ def create_app(state: ServerState) -> web.Application:
             web.post("/v1/sessions/{id}/say", say),
             web.get("/v1/sessions/{id}/ws", websocket),
             *whep_routes(),
+            *openapi_routes(),
         ]
     )
     # avatars (upload, list, preview, delete) and offline animation: avatars_api.py

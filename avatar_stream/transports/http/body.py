@@ -7,6 +7,7 @@ import json
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from avatar_stream.transports.http.errors import HTTPJSONError
 
@@ -71,14 +72,22 @@ async def read_form(request: web.Request, files: dict[str, int]) -> dict[str, by
     if request.content_length is not None and request.content_length > read_limit:
         raise HTTPJSONError(413, f"body of {request.content_length} bytes is too large",
                             "too_large")
-    reader = await request.multipart()
     out: dict[str, bytes] = {}
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader) or not part.name:
-            continue
-        limit = files.get(part.name, FORM_TEXT_BYTES)
-        out[part.name] = await read_limited(part, limit, f"field {part.name!r}")
+    try:
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                continue
+            limit = files.get(part.name, FORM_TEXT_BYTES)
+            out[part.name] = await read_limited(part, limit, f"field {part.name!r}")
+    except (ValueError, HttpProcessingError) as exc:  # no boundary, broken part headers
+        raise HTTPJSONError(400, f"malformed multipart/form-data body: {_words(exc)}") from None
     return out
+
+
+def _words(exc: Exception) -> str:
+    """aiohttp's parser errors carry their status in their text ("400, message: ...")."""
+    return getattr(exc, "message", None) or str(exc)
 
 
 def form_text(form: dict[str, bytes], name: str) -> str | None:
