@@ -91,7 +91,8 @@ async def trickle(request: web.Request) -> web.Response:
     """Trickled candidates, end-of-candidates; ICE restarts are refused (422)."""
     session = session_for(request)
     peer = session.transport
-    assert isinstance(peer, WebRTCPeer)
+    if not isinstance(peer, WebRTCPeer):  # a session another transport carries
+        raise HTTPJSONError(404, f"session {session.id!r} has no WHEP resource")
     if request.content_type != SDPFRAG:
         raise HTTPJSONError(415, f"send candidates as {SDPFRAG}", **{"Accept-Patch": SDPFRAG})
     text = await read_text(request, MAX_FRAGMENT_BYTES, "the SDP fragment")

@@ -15,6 +15,7 @@ import pytest
 import pytest_asyncio
 from aiortc import RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
+from wavs import tone, wav_bytes
 
 from avatar_stream.config import IceServer, ServerConfig
 from avatar_stream.transports.http.app import running_server
@@ -38,6 +39,8 @@ def _closed_port() -> int:
 
 
 TURN = f"turn:127.0.0.1:{_closed_port()}?transport=tcp"
+KEY = "whep-test-key"
+ORIGIN = "https://player.example"
 SDP = {"Content-Type": "application/sdp"}
 FRAG = {"Content-Type": "application/trickle-ice-sdpfrag"}
 
@@ -49,10 +52,14 @@ async def server():
     # fails at once and ICE goes on with its host candidate.
     config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
                           max_sessions=4, turn_urls=[TURN], turn_secret=SECRET,
-                          sessions_per_ip_per_minute=0)
+                          sessions_per_ip_per_minute=0, api_key=KEY, cors_origins=[ORIGIN])
     async with running_server(config) as (url, state):
-        async with aiohttp.ClientSession() as http:
+        async with aiohttp.ClientSession(headers=bearer(KEY)) as http:  # a player's token
             yield url, state, http
+
+
+def bearer(value: str) -> dict[str, str]:
+    return {"Authorization": f"Bearer {value}"}
 
 
 class Viewer:
@@ -302,3 +309,56 @@ def test_ice_server_links_quote_their_credentials() -> None:
         '<turns:a:5349>; rel="ice-server"; username="u\\"1"; credential="c\\\\2"; '
         'credential-type="password"',
     ]
+
+
+@ON_SERVER
+async def test_credentials_cors_and_the_event_websocket_link(server) -> None:
+    """A page on another origin may do all of it; the session's token (not the key) opens
+    the PATCH, the events link and the session's other calls."""
+    url, state, http = server
+    viewer = Viewer()
+    async with aiohttp.ClientSession() as bare:
+        async with bare.post(f"{url}/v1/whep", data=await viewer.offer(), headers=SDP) as r:
+            assert r.status == 401 and r.headers["WWW-Authenticate"].startswith("Bearer")
+        # the preflight of a cross-origin PATCH, answered before any credentials
+        async with bare.options(f"{url}/v1/sessions/any/whep", headers={
+                "Origin": ORIGIN, "Access-Control-Request-Method": "PATCH",
+                "Access-Control-Request-Headers": "authorization, content-type, if-match"}) as r:
+            assert r.status == 204 and r.headers["Access-Control-Allow-Origin"] == ORIGIN
+            assert "PATCH" in r.headers["Access-Control-Allow-Methods"]
+            assert "If-Match" in r.headers["Access-Control-Allow-Headers"]
+        try:
+            async with http.post(f"{url}/v1/whep", data=viewer.pc.localDescription.sdp,
+                                 headers={**SDP, "Origin": ORIGIN}) as r:
+                assert r.status == 201
+                exposed = {h.strip() for h in r.headers["Access-Control-Expose-Headers"].split(",")}
+                assert {"Location", "ETag", "Link", "X-Session-Token"} <= exposed, exposed
+                location, token, answer = (r.headers["Location"], r.headers["X-Session-Token"],
+                                           await r.text())
+                events = next(link for link in r.headers.getall("Link") if EVENTS_REL in link)
+            sid = location.split("/")[3]
+            frag = fragment(viewer.pc.localDescription.sdp, [], False)
+            async with bare.patch(f"{url}{location}", data=frag, headers=FRAG) as r:
+                assert r.status == 401
+            async with bare.patch(f"{url}{location}", data=frag,
+                                  headers={**FRAG, **bearer(token)}) as r:
+                assert r.status == 204
+            await viewer.answer(answer)
+            await viewer.until_frames(10)
+            # the events link, resolved against the resource, with the token in its query
+            ws_path = re.match(r"<([^>]+)>", events)
+            assert ws_path
+            async with bare.ws_connect(f"{url}{ws_path.group(1)}?token={token}") as ws:
+                async with bare.post(f"{url}/v1/sessions/{sid}/audio",
+                                     data=wav_bytes(tone(16000, 0.6), 16000),
+                                     headers={"Content-Type": "audio/wav", **bearer(token)}) as r:
+                    assert r.status == 202, await r.text()
+                seen = []
+                while "speech.finished" not in seen:
+                    message = await asyncio.wait_for(ws.receive_json(), 10)
+                    seen.append(message["type"])
+                assert seen.index("speech.started") < seen.index("speech.finished"), seen
+            async with bare.delete(f"{url}{location}", headers=bearer(token)) as r:
+                assert r.status == 204
+        finally:
+            await viewer.close()
