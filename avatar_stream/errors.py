@@ -38,6 +38,15 @@ _GENERIC = {
 }
 
 
+def error_body(message: str, reason: str | None = None) -> dict[str, str]:
+    """The one JSON shape of an HTTP error: ``{"error": message}``, with a ``reason`` where
+    the client can act on it."""
+    body = {"error": message}
+    if reason:
+        body["reason"] = reason
+    return body
+
+
 def kind_of(status: int) -> str:
     """The generic kind of an HTTP status (``str(status)`` for one with none)."""
     return _GENERIC.get(status, str(status))

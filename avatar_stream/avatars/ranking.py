@@ -25,7 +25,7 @@ from avatar_stream.avatars.facerig import (
     check_pose,
     get_rigger,
 )
-from avatar_stream.avatars.photo import load_image
+from avatar_stream.avatars.photo import ImageSource, load_image
 from avatar_stream.engines.base import AvatarError
 
 PHOTO_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".bmp", ".tif", ".tiff")
@@ -57,6 +57,9 @@ class PhotoScore:
     measures: dict[str, float] = field(default_factory=dict)
     problem: str | None = None  # why it is unusable (score 0), or None
     notes: list[str] = field(default_factory=list)
+    #: the problem's code (``not_image``, ``too_small``, ``no_face``, ``face_too_small``,
+    #: ``turned_away``, ...: PhotoError's reasons, as the upload refuses with), or None
+    reason: str | None = None
 
     def to_json(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,14 +72,14 @@ def score_photo(image: np.ndarray, name: str = "", rig: FaceRig | None = None) -
         rig = rig or get_rigger().rig(image)
     except PhotoError as exc:
         if exc.reason != "turned_away":
-            return PhotoScore(name, 0.0, problem=str(exc))
+            return unusable(name, exc)
         rig = None  # scored below like any photo, with its pose as the problem
     except AvatarError as exc:
-        return PhotoScore(name, 0.0, problem=str(exc))
+        return unusable(name, exc)
     if rig is None:  # turned away: measure the pose without the check
         rig = _rig_unchecked(image)
         if rig is None:
-            return PhotoScore(name, 0.0, problem="no face found in the photo")
+            return PhotoScore(name, 0.0, problem="no face found in the photo", reason="no_face")
     h, w = image.shape[:2]
     x0, y0, x1, y1 = rig.face_box
     face_w, face_h = x1 - x0, y1 - y0
@@ -124,13 +127,20 @@ def score_photo(image: np.ndarray, name: str = "", rig: FaceRig | None = None) -
         sum(WEIGHTS[k] * math.log(max(v, 1e-3)) for k, v in parts.items()) / total
     )
     notes = _notes(parts, measures)
-    problem = None
+    problem = reason = None
     try:
         check_pose(rig.landmarks)
     except PhotoError as exc:
-        problem, score = str(exc), 0.0
+        problem, reason, score = str(exc), exc.reason, 0.0
     return PhotoScore(name, round(score, 1), {k: round(v, 3) for k, v in parts.items()},
-                      {k: round(float(v), 3) for k, v in measures.items()}, problem, notes)
+                      {k: round(float(v), 3) for k, v in measures.items()}, problem, notes,
+                      reason)
+
+
+def unusable(name: str, exc: AvatarError) -> PhotoScore:
+    """A photo that cannot be a reference at all: score 0 with the reason."""
+    reason = exc.reason if isinstance(exc, PhotoError) else "unusable"
+    return PhotoScore(name, 0.0, problem=str(exc), reason=reason)
 
 
 def _rig_unchecked(image: np.ndarray) -> FaceRig | None:
@@ -162,16 +172,24 @@ def _notes(parts: dict[str, float], m: dict[str, float]) -> list[str]:
     return notes
 
 
-def rank_photos(paths: Iterable[Path]) -> list[PhotoScore]:
-    """Score every photo, best first (unusable ones last, with the reason)."""
-    scores = []
-    for path in paths:
-        try:
-            image = load_image(path)
-        except AvatarError as exc:
-            scores.append(PhotoScore(path.name, 0.0, problem=str(exc)))
-            continue
-        scores.append(score_photo(image, path.name))
+def score_file(source: ImageSource, name: str) -> PhotoScore:
+    """Score a photo file (path or its bytes); one that is no image scores 0, with why."""
+    try:
+        image = load_image(source)
+    except AvatarError as exc:
+        return unusable(name, exc)
+    return score_photo(image, name)
+
+
+def rank_photos(photos: Iterable[Path | tuple[str, ImageSource]]) -> list[PhotoScore]:
+    """Score every photo (paths, or (name, path or bytes) pairs: uploads), best first;
+    unusable ones last, with the reason."""
+    return best_first(score_file(p, p.name) if isinstance(p, Path) else score_file(p[1], p[0])
+                      for p in photos)
+
+
+def best_first(scores: Iterable[PhotoScore]) -> list[PhotoScore]:
+    """The ranking's order: highest score first, ties by name."""
     return sorted(scores, key=lambda s: (-s.score, s.name))
 
 

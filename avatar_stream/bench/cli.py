@@ -27,7 +27,7 @@ from avatar_stream.bench import report
 from avatar_stream.bench.machine import CpuMeter, CpuShare, server_cpu_seconds
 from avatar_stream.bench.runner import SessionResult, progress_printer, run_session, server_or_url
 from avatar_stream.client.avatarclient import AUDIO_PREFETCH, MIC_RATE
-from avatar_stream.scale.workers import cores
+from avatar_stream.scale.capacity import cores
 from avatar_stream.transports.webrtc.ice import parse_addresses
 
 BENCH_TEXT = "Speech goes in, and a talking face comes out, with every word in sync."

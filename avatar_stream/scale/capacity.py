@@ -9,13 +9,34 @@ sessions elsewhere) and ``/metrics`` exports the same figures.
 
 from __future__ import annotations
 
+import math
+import os
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 from prometheus_client.core import GaugeMetricFamily, Metric
 from prometheus_client.registry import Collector
 
 from avatar_stream.engines.base import Engine
+
+CGROUP_CPU_MAX = Path("/sys/fs/cgroup/cpu.max")  # "<quota> <period>" or "max <period>"
+
+
+def cores() -> int:
+    """The cores this process may use: its CPU set, lowered to a container's CPU quota
+    (cgroup v2 ``cpu.max``). ``os.cpu_count()`` is the host's: a 2-core quota on a 64-core
+    host that starts 63 compute threads runs them 30 at a time per core, far slower
+    than 2."""
+    n = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    n = n or 1
+    try:
+        quota, period = CGROUP_CPU_MAX.read_text().split()[:2]
+        if quota != "max":
+            n = min(n, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return n
 
 
 def admission_limit(max_sessions: int, engine: Engine) -> int:

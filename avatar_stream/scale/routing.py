@@ -29,6 +29,7 @@ from aiohttp import web
 from multidict import CIMultiDict
 
 from avatar_stream.config import ServerConfig
+from avatar_stream.errors import error_body
 
 log = logging.getLogger(__name__)
 
@@ -149,7 +150,7 @@ async def forward(http: aiohttp.ClientSession, request: web.Request, owner: str,
             response[ANSWERED_BY] = owner
             return response
     except (aiohttp.ClientError, asyncio.TimeoutError) as exc:
-        return web.json_response({"error": f"{what} is unreachable: {exc}"}, status=502)
+        return web.json_response(error_body(f"{what} is unreachable: {exc}"), status=502)
 
 
 async def _websocket(http: aiohttp.ClientSession, request: web.Request, url: str,

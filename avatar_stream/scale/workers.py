@@ -37,6 +37,8 @@ from prometheus_client.samples import Sample
 
 from avatar_stream.config import ServerConfig
 from avatar_stream.engines.registry import CPU_ENGINES
+from avatar_stream.errors import error_body
+from avatar_stream.scale.capacity import cores
 from avatar_stream.scale.routing import FORWARDED, forward
 
 log = logging.getLogger(__name__)
@@ -61,13 +63,6 @@ def default_workers(config: ServerConfig) -> int:
         return 1
     n = cores()
     return max(1, min(n + 1 if n > 1 else 1, config.max_sessions))
-
-
-def cores() -> int:
-    """The cores this process may run on (a container's CPU set, not the host's count)."""
-    if hasattr(os, "sched_getaffinity"):
-        return len(os.sched_getaffinity(0))
-    return os.cpu_count() or 1
 
 
 @dataclass
@@ -286,7 +281,7 @@ class WorkerPool:
         the ready worker with the fewest sessions."""
         loads = await self.loads()
         if not loads:
-            return web.json_response({"error": "no worker is ready; try again shortly"},
+            return web.json_response(error_body("no worker is ready; try again shortly"),
                                      status=503, headers={"Retry-After": "2"})
         worker = min(loads, key=lambda load: (load[1]["sessions"], load[0].index))[0]
         return await forward(self.http, request, worker.address, "front",

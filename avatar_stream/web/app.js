@@ -4,7 +4,9 @@
 // /v1/sessions, DELETE /v1/sessions/{id} to hang up. Events and control travel on the
 // "control" data channel. Tests and automation read `window.avatarClient`.
 // Query options: ?autoconnect=1 connects on load, ?mic=1 starts with the mic on,
-// ?avatar=ID picks an avatar. A server started with --api-key needs the key: pass it in the
+// ?avatar=ID picks an avatar (the gallery keeps it there). The gallery lists the server's
+// avatars (/v1/avatars), ranks dropped or chosen photos (POST /v1/avatars/rank: the scores
+// of `avatar-stream avatars rank`), uploads the one picked and deletes. A server started with --api-key needs the key: pass it in the
 // fragment (#key=KEY: a fragment is never sent to the server or logged). The session token
 // the server returns is used for this session's calls (DELETE, interrupt, say) and shown so
 // a script can drive the session (examples/voice_assistant.py).
@@ -26,12 +28,19 @@
     audioEnergy: 0, // running sum of remote-audio RMS x seconds
     audioLevels: [], // remote-audio RMS, one value per 100 ms
     micOn: params.get("mic") === "1",
+    avatar: params.get("avatar") || "default", // the avatar the next session animates
+    avatars: [], // the server's avatars (GET /v1/avatars)
+    ranking: null, // the last photos ranked: {ranking: [score, ...], recommended}
     connect,
     disconnect,
     interrupt,
     setMic,
     playFile,
     say,
+    refreshAvatars,
+    selectAvatar,
+    rankPhotos,
+    deleteAvatar,
   };
   window.avatarClient = client;
 
@@ -277,8 +286,7 @@
     await waitIceGathering(peer); // non-trickle: the offer carries all our candidates
     if (pc !== peer) return; // disconnected meanwhile
     const body = { type: "offer", sdp: peer.localDescription.sdp };
-    const avatar = params.get("avatar");
-    if (avatar) body.avatar = avatar;
+    if (client.avatar) body.avatar = client.avatar;
     const r = await fetch("/v1/sessions", {
       method: "POST",
       headers: keyHeaders({ "Content-Type": "application/json" }),
@@ -646,6 +654,306 @@
   };
   $("play-file").onclick = () => playFile();
 
+  // ---- avatars: gallery, ranking photos, upload, delete ----------------------------------
+  const MAX_RANK_PHOTOS = 20; // the server ranks at most this many in one request
+
+  function avatarStatus(text, cls = "") {
+    const el = $("avatar-status");
+    el.textContent = text;
+    el.className = cls || "muted";
+  }
+
+  async function apiJson(url, options = {}) {
+    const r = await fetch(url, { ...options, headers: keyHeaders(options.headers || {}) });
+    const body = await r.json().catch(() => ({}));
+    if (!r.ok) {
+      const err = new Error(body.error || `HTTP ${r.status}`);
+      err.status = r.status;
+      throw err;
+    }
+    return body;
+  }
+
+  // The preview <img>: a plain URL, or with an API key (an <img> sends no header) the bytes
+  // fetched with it, so the key never appears in a URL.
+  async function showPreview(img, info) {
+    const url = `/v1/avatars/${encodeURIComponent(info.id)}/preview.png?v=${info.created || 0}`;
+    if (!apiKey) {
+      img.src = url;
+      return;
+    }
+    try {
+      const r = await fetch(url, { headers: keyHeaders() });
+      if (r.ok) img.src = URL.createObjectURL(await r.blob());
+    } catch { /* the card shows its name without a picture */ }
+  }
+
+  async function refreshAvatars() {
+    try {
+      client.avatars = (await apiJson("/v1/avatars")).avatars || [];
+    } catch (e) {
+      avatarStatus(`cannot list avatars: ${e.message}`, "error");
+      return client.avatars;
+    }
+    renderGallery();
+    if (!client.avatars.some((a) => a.id === client.avatar)) {
+      avatarStatus(`avatar "${client.avatar}" is not on this server`, "error");
+    }
+    return client.avatars;
+  }
+
+  function renderGallery() {
+    const list = $("gallery");
+    list.textContent = "";
+    for (const info of client.avatars) {
+      const li = document.createElement("li");
+      li.className = "avatar-card";
+      li.dataset.id = info.id;
+      const pick = document.createElement("button");
+      pick.className = "pick";
+      pick.setAttribute("aria-pressed", String(info.id === client.avatar));
+      pick.title = `animate ${info.id}`;
+      const img = document.createElement("img");
+      img.alt = `avatar ${info.id}`;
+      img.width = img.height = 96;
+      showPreview(img, info);
+      const name = document.createElement("span");
+      name.className = "avatar-name";
+      name.textContent = info.id;
+      pick.append(img, name);
+      if (info.quality) {
+        const score = document.createElement("span");
+        score.className = `score ${scoreClass(info.quality.score)}`;
+        score.textContent = Math.round(info.quality.score);
+        score.title = info.quality.notes.length ? info.quality.notes.join("; ") : "reference score";
+        pick.append(score);
+      }
+      pick.onclick = () => selectAvatar(info.id);
+      li.append(pick);
+      if (info.id !== "default") {
+        const del = document.createElement("button");
+        del.className = "delete small";
+        del.textContent = "Delete";
+        del.setAttribute("aria-label", `delete avatar ${info.id}`);
+        // two clicks: the first asks, the second (within 4 s) deletes
+        del.onclick = () => {
+          if (del.dataset.armed) return deleteAvatar(info.id);
+          del.dataset.armed = "1";
+          del.textContent = "Delete?";
+          setTimeout(() => { delete del.dataset.armed; del.textContent = "Delete"; }, 4000);
+        };
+        li.append(del);
+      }
+      list.append(li);
+    }
+  }
+
+  // The avatar the next session animates; kept in the address (?avatar=ID). A live session
+  // is restarted with it, since a session's face is fixed when it starts.
+  async function selectAvatar(id) {
+    const changed = id !== client.avatar;
+    client.avatar = id;
+    const url = new URL(location.href);
+    if (id === "default") url.searchParams.delete("avatar");
+    else url.searchParams.set("avatar", id);
+    history.replaceState(null, "", url);
+    for (const b of document.querySelectorAll("#gallery .pick")) {
+      b.setAttribute("aria-pressed", String(b.parentElement.dataset.id === id));
+    }
+    avatarStatus(`avatar: ${id}`);
+    if (changed && pc) {
+      log(`switching to avatar ${id}`);
+      await disconnect();
+      await connect();
+    }
+  }
+
+  async function deleteAvatar(id) {
+    try {
+      const r = await fetch(`/v1/avatars/${encodeURIComponent(id)}`, {
+        method: "DELETE",
+        headers: keyHeaders(),
+      });
+      if (!r.ok && r.status !== 404) {
+        const body = await r.json().catch(() => ({}));
+        throw new Error(body.error || `HTTP ${r.status}`);
+      }
+      avatarStatus(`deleted ${id}`);
+    } catch (e) {
+      avatarStatus(`cannot delete ${id}: ${e.message}`, "error");
+    }
+    if (client.avatar === id) await selectAvatar("default");
+    await refreshAvatars();
+  }
+
+  const scoreClass = (s) => (s >= 70 ? "good" : s >= 40 ? "fair" : "poor");
+
+  // Score photos as references on the server, the best first, and list them with why.
+  async function rankPhotos(files) {
+    files = [...files];
+    if (!files.length) return null;
+    if (files.length > MAX_RANK_PHOTOS) {
+      avatarStatus(`${files.length} photos: scoring the first ${MAX_RANK_PHOTOS}`);
+      files = files.slice(0, MAX_RANK_PHOTOS);
+    } else {
+      avatarStatus(`scoring ${files.length} photo${files.length > 1 ? "s" : ""}…`);
+    }
+    const form = new FormData();
+    for (const f of files) form.append("image", f, f.name);
+    $("photos").disabled = true;
+    try {
+      client.ranking = await apiJson("/v1/avatars/rank", { method: "POST", body: form });
+    } catch (e) {
+      avatarStatus(`cannot score the photos: ${e.message}`, "error");
+      return null;
+    } finally {
+      $("photos").disabled = false;
+    }
+    const byName = new Map(files.map((f) => [f.name, f]));
+    renderRanking(client.ranking, byName);
+    const best = client.ranking.recommended;
+    avatarStatus(best ? `recommended: ${best}` : "none of these photos can be animated",
+      best ? "" : "error");
+    return client.ranking;
+  }
+
+  const PART_NAMES = {
+    size: "face size", frontal: "frontal", sharp: "sharp", exposure: "exposure",
+    eyes: "eyes open", mouth: "mouth closed", centred: "room around",
+  };
+
+  let thumbUrls = [];
+  function renderRanking(result, byName) {
+    for (const u of thumbUrls) URL.revokeObjectURL(u);
+    thumbUrls = [];
+    const list = $("ranking");
+    list.textContent = "";
+    list.hidden = false;
+    for (const s of result.ranking) {
+      const li = document.createElement("li");
+      li.className = "rank-row";
+      li.dataset.name = s.name;
+      li.dataset.score = s.score;
+      if (s.reason) li.dataset.reason = s.reason;
+      const file = byName.get(s.name);
+      const img = document.createElement("img");
+      img.className = "thumb";
+      img.alt = "";
+      img.width = img.height = 64;
+      if (file && s.reason !== "not_image") {
+        const u = URL.createObjectURL(file);
+        thumbUrls.push(u);
+        img.src = u;
+        img.onerror = () => img.classList.add("broken");
+      } else img.classList.add("broken");
+
+      const body = document.createElement("div");
+      body.className = "rank-body";
+      const head = document.createElement("div");
+      const name = document.createElement("span");
+      name.className = "rank-name";
+      name.textContent = s.name;
+      const score = document.createElement("span");
+      score.className = `score ${scoreClass(s.score)}`;
+      score.textContent = s.score.toFixed(0);
+      head.append(name, " ", score);
+      if (s.name === result.recommended) {
+        const rec = document.createElement("span");
+        rec.className = "badge";
+        rec.textContent = "recommended";
+        head.append(" ", rec);
+      }
+      const reasons = document.createElement("ul");
+      reasons.className = "reasons";
+      const why = s.problem ? [s.problem] : s.notes;
+      for (const text of why.length ? why : ["no problems found"]) {
+        const item = document.createElement("li");
+        item.textContent = text;
+        if (!why.length) item.className = "fine";
+        reasons.append(item);
+      }
+      body.append(head, reasons);
+      if (Object.keys(s.parts).length) {
+        const parts = document.createElement("p");
+        parts.className = "parts muted";
+        parts.textContent = Object.entries(s.parts)
+          .map(([k, v]) => `${PART_NAMES[k] || k} ${Math.round(v * 100)}%`).join(" · ");
+        body.append(parts);
+      }
+      li.append(img, body);
+      if (s.score > 0 && file) {
+        const use = document.createElement("button");
+        use.className = s.name === result.recommended ? "use primary" : "use";
+        use.textContent = "Use";
+        use.setAttribute("aria-label", `use ${s.name} as the avatar`);
+        use.onclick = () => usePhoto(file, use);
+        li.append(use);
+      }
+      list.append(li);
+    }
+  }
+
+  // Upload the photo as an avatar (id from its file name, or from its content when that
+  // name holds another photo already) and pick it.
+  async function usePhoto(file, button) {
+    if (button) button.disabled = true;
+    avatarStatus(`adding ${file.name}…`);
+    const upload = (id) => {
+      const form = new FormData();
+      form.append("image", file, file.name);
+      if (id) form.append("id", id);
+      return apiJson("/v1/avatars", { method: "POST", body: form });
+    };
+    const stem = file.name.replace(/\.[^.]*$/, "");
+    try {
+      let info;
+      try {
+        info = await upload(stem);
+      } catch (e) {
+        if (e.status !== 409) throw e;
+        info = await upload(null);
+      }
+      await refreshAvatars();
+      await selectAvatar(info.id);
+      return info;
+    } catch (e) {
+      avatarStatus(`cannot add ${file.name}: ${e.message}`, "error");
+      return null;
+    } finally {
+      if (button) button.disabled = false;
+    }
+  }
+
+  $("photos").onchange = async (ev) => {
+    await rankPhotos(ev.target.files);
+    ev.target.value = ""; // choosing the same files again ranks them again
+  };
+  const zone = $("dropzone");
+  let dragDepth = 0; // enter/leave also fire for the zone's children: count, don't flicker
+  zone.addEventListener("dragenter", (ev) => {
+    ev.preventDefault();
+    dragDepth++;
+    zone.classList.add("over");
+  });
+  zone.addEventListener("dragover", (ev) => {
+    ev.preventDefault();
+    ev.dataTransfer.dropEffect = "copy";
+  });
+  zone.addEventListener("dragleave", () => {
+    dragDepth = Math.max(0, dragDepth - 1);
+    if (!dragDepth) zone.classList.remove("over");
+  });
+  zone.addEventListener("drop", (ev) => {
+    ev.preventDefault();
+    dragDepth = 0;
+    zone.classList.remove("over");
+    rankPhotos(ev.dataTransfer.files);
+  });
+  // A photo dropped anywhere else must not make the browser leave the page to show it.
+  for (const type of ["dragover", "drop"]) {
+    window.addEventListener(type, (ev) => ev.preventDefault());
+  }
+
   // ---- buttons and start-up ----------------------------------------------------------------
   $("connect").onclick = () => connect();
   $("disconnect").onclick = () => disconnect();
@@ -653,5 +961,6 @@
   $("clear-log").onclick = () => { $("log").textContent = ""; };
 
   refreshButtons();
+  refreshAvatars();
   if (params.get("autoconnect") === "1") connect();
 })();

@@ -154,6 +154,7 @@ def test_rank_prefers_the_sharp_frontal_photo(portrait: np.ndarray, tmp_path: Pa
     assert "blurred" in by_name["blurred.jpg"].notes
     assert by_name["rotated.jpg"].parts["frontal"] < 0.3
     assert by_name["broken.jpg"].score == 0 and by_name["broken.jpg"].problem == "not an image"
+    assert by_name["broken.jpg"].reason == "not_image" and by_name["sharp.jpg"].reason is None
     assert "recommended: sharp.jpg" in table
 
 
@@ -275,6 +276,58 @@ async def test_avatar_api_round_trip(server, portrait: np.ndarray) -> None:
         assert r.status == 404 and "unknown avatar" in (await r.json())["error"]
     async with http.delete(f"{url}/v1/avatars/default") as r:
         assert r.status == 409
+
+
+@on_server_loop
+async def test_rank_uploaded_photos(server, portrait: np.ndarray, bad_photos,
+                                    tmp_path: Path) -> None:
+    """``POST /v1/avatars/rank``: the same scores and order as ``avatars rank`` on the same
+    files, a reason for each unusable one (an oversized file among them), nothing stored."""
+    url, state, http = server
+    before = sorted(state.avatars)
+    photos = {"sharp.jpg": _jpeg(portrait),
+              "blurred.jpg": _jpeg(cv2.GaussianBlur(portrait, (0, 0), 2.5)),
+              "rotated.jpg": _jpeg(_rotated(portrait, 20)),
+              "small-face.jpg": bad_photos["face too small"][0],
+              "text.jpg": bad_photos["not an image"][0]}
+    for name, data in photos.items():
+        (tmp_path / name).write_bytes(data)
+    form = aiohttp.FormData()
+    for name, data in photos.items():
+        form.add_field("image", data, filename=name, content_type="image/jpeg")
+    form.add_field("image", bytes(16 * 1024 * 1024), filename="huge.jpg")
+    form.add_field("note", "other fields are ignored")
+    async with http.post(f"{url}/v1/avatars/rank", data=form) as r:
+        assert r.status == 200, await r.text()
+        body = await r.json()
+    print([(s["name"], s["score"], s["reason"], s["notes"]) for s in body["ranking"]])
+    cli = rank_photos(sorted(tmp_path.iterdir()))
+    got = [(s["name"], s["score"]) for s in body["ranking"]]
+    assert [g for g in got if g[0] != "huge.jpg"] == [(s.name, s.score) for s in cli]
+    assert ("huge.jpg", 0.0) in got[len(cli) - 2:]  # among the unusable, at the end
+    assert body["recommended"] == "sharp.jpg"
+    by_name = {s["name"]: s for s in body["ranking"]}
+    assert "blurred" in by_name["blurred.jpg"]["notes"]
+    assert (by_name["text.jpg"]["reason"], by_name["text.jpg"]["problem"]) == \
+        ("not_image", "not an image")
+    assert by_name["small-face.jpg"]["reason"] == "face_too_small"
+    assert by_name["huge.jpg"]["reason"] == "too_large"
+    assert sorted(state.avatars) == before
+    # refused whole: no photos, not a form, too many files
+    form = aiohttp.FormData()
+    form.add_field("photo", b"x", filename="x.jpg")
+    async with http.post(f"{url}/v1/avatars/rank", data=form) as r:
+        assert r.status == 400 and "'image'" in (await r.json())["error"]
+    async with http.post(f"{url}/v1/avatars/rank", data=photos["sharp.jpg"],
+                         headers={"Content-Type": "image/jpeg"}) as r:
+        assert r.status == 415
+    form = aiohttp.FormData()
+    for i in range(21):
+        form.add_field("image", b"x", filename=f"{i}.jpg")
+    async with http.post(f"{url}/v1/avatars/rank", data=form) as r:
+        assert r.status == 413 and "more than 20" in (await r.json())["error"]
+    async with http.get(f"{url}/v1/avatars/rank") as r:  # not an avatar called "rank"
+        assert r.status == 404
 
 
 @on_server_loop

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import itertools
 import logging
-import os
 import statistics
 import tempfile
 import threading
@@ -71,6 +70,7 @@ from avatar_stream.engines.flashhead.upstream import (
     import_upstream,
     upstream_call,
 )
+from avatar_stream.scale.capacity import cores
 
 log = logging.getLogger(__name__)
 
@@ -103,10 +103,11 @@ def load_pipeline(options: FlashHeadOptions) -> Any:
     if missing:
         raise FileNotFoundError("FlashHead weights not found: " + "; ".join(missing))
     upstream = import_upstream(options.upstream_dir)
-    if torch.device(options.device).type == "cpu" and (os.cpu_count() or 1) > 1:
-        # steps on the CPU (tests, tiny models): leave a core to the event loop that
-        # paces every session's media
-        torch.set_num_threads(max(1, (os.cpu_count() or 1) - 1))
+    if torch.device(options.device).type == "cpu":
+        # steps on the CPU (tests, tiny models): one thread per core this process may use
+        # (never the host's count: oversubscribed, each step ran many times slower), less
+        # one for the event loop that paces every session's media
+        torch.set_num_threads(max(1, cores() - 1))
     for switch in ("COMPILE_MODEL", "COMPILE_VAE"):  # module switches read by __init__
         if hasattr(upstream, switch):
             setattr(upstream, switch, options.compile)

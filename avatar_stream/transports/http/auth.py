@@ -26,6 +26,8 @@ from dataclasses import dataclass
 
 from aiohttp import web
 
+from avatar_stream.errors import error_body
+
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -195,7 +197,7 @@ def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler],
         allowed_origin = allow(origin)
         if request.method == "OPTIONS" and request.headers.get("Access-Control-Request-Method"):
             if allowed_origin is None:
-                return web.json_response({"error": f"origin {origin!r} is not allowed"},
+                return web.json_response(error_body(f"origin {origin!r} is not allowed"),
                                          status=403)
             return web.Response(status=204, headers={
                 "Access-Control-Allow-Origin": allowed_origin,

@@ -2,6 +2,8 @@
 
 - ``POST /v1/avatars``: a photo (multipart field ``image`` and optional ``id``, or an
   ``image/*`` body with ``?id=``) -> 201 and its info (200 if that photo is already there)
+- ``POST /v1/avatars/rank``: photos (multipart, ``image`` once per photo) -> how good each
+  is as a reference, best first (``avatars rank``'s scores and reasons); nothing is stored
 - ``GET /v1/avatars``: ``{"avatars": [info, ...]}``
 - ``GET /v1/avatars/{id}``: info (size, face box, mouth box, source, quality)
 - ``GET /v1/avatars/{id}/preview.png``: the 512x512 reference the engine animates
@@ -28,13 +30,18 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from avatar_stream.avatars.facerig import PhotoError
-from avatar_stream.avatars.ranking import photos_in
+from avatar_stream.avatars.ranking import PhotoScore, best_first, photos_in, rank_photos, unusable
 from avatar_stream.avatars.store import DEFAULT_ID, AvatarConflict, AvatarStore
 from avatar_stream.engines.base import Avatar, AvatarError, EngineError
 from avatar_stream.errors import SpeechError
 from avatar_stream.tools.render import FORMATS, load_speech, render_clip
 from avatar_stream.transports.http.auth import passed_on
-from avatar_stream.transports.http.body import form_text, read_form, read_limited
+from avatar_stream.transports.http.body import (
+    form_text,
+    read_form,
+    read_form_files,
+    read_limited,
+)
 from avatar_stream.transports.http.errors import HTTPJSONError, speech_error
 from avatar_stream.transports.http.sessions import require_server
 from avatar_stream.transports.http.state import STATE
@@ -45,6 +52,8 @@ AVATAR_STORE = web.AppKey("avatar_store", AvatarStore)
 MAX_PHOTO_BYTES = 15 * 1024 * 1024
 MAX_AUDIO_BYTES = 32 * 1024 * 1024
 MAX_ANIMATE_SPEECH_S = 120.0
+MAX_RANK_PHOTOS = 20  # photos ranked in one request
+MAX_RANK_BYTES = 64 * 1024 * 1024  # and their bytes in all
 MAX_WAITING_JOBS = 2  # more prepare or render jobs than this waiting: 503, try later
 PHOTO_STATUS = {"too_large": 413, "not_image": 415}  # every other photo problem: 422
 PHOTO_TYPES = ("image/", "application/octet-stream")
@@ -88,6 +97,7 @@ def add_avatar_api(app: web.Application) -> None:
 def avatar_routes() -> list[web.RouteDef]:
     return [
         web.post("/v1/avatars", upload_avatar),
+        web.post("/v1/avatars/rank", rank_avatar_photos),
         web.get("/v1/avatars", list_avatars),
         web.get("/v1/avatars/{id}", get_avatar),
         web.get("/v1/avatars/{id}/preview.png", avatar_preview),
@@ -158,6 +168,27 @@ async def upload_avatar(request: web.Request) -> web.Response:
     info = store.info(avatar.id) or avatar.info()
     return web.json_response(info, status=201 if created else 200,
                              headers={"Location": f"/v1/avatars/{avatar.id}"})
+
+
+async def rank_avatar_photos(request: web.Request) -> web.Response:
+    """Score photos as references before choosing one: the ranking ``avatar-stream avatars
+    rank`` prints, over HTTP for the page. A file that is not a usable image is ranked last
+    with its reason, never refused alone."""
+    require_server(request)
+    files = await read_form_files(request, "image", MAX_PHOTO_BYTES, MAX_RANK_PHOTOS,
+                                  MAX_RANK_BYTES)
+    if not files:
+        raise HTTPJSONError(400, "send the photos in form fields named 'image'")
+    scores = await request.app[PREPARE_JOBS].run(_rank, files)
+    usable = [s for s in scores if s.score > 0]
+    return web.json_response({"ranking": [s.to_json() for s in scores],
+                              "recommended": usable[0].name if usable else None})
+
+
+def _rank(files: list[tuple[str, bytes | None]]) -> list[PhotoScore]:
+    too_large = PhotoError(f"file over {MAX_PHOTO_BYTES // (1024 * 1024)} MB", "too_large")
+    return best_first([*rank_photos((name, data) for name, data in files if data is not None),
+                       *(unusable(name, too_large) for name, data in files if data is None)])
 
 
 async def list_avatars(request: web.Request) -> web.Response:

@@ -96,3 +96,40 @@ def form_text(form: dict[str, bytes], name: str) -> str | None:
     if value is None:
         return None
     return value.decode("utf-8", "replace").strip() or None
+
+
+async def read_form_files(request: web.Request, field: str, limit_each: int, max_files: int,
+                          max_total: int) -> list[tuple[str, bytes | None]]:
+    """The files of one multipart field sent many times (a file picker's many photos), as
+    (file name, bytes), in order; None for a file over ``limit_each`` (it is skipped, the
+    others are read). 413 past ``max_files`` files or ``max_total`` bytes in all."""
+    if request.content_type != "multipart/form-data":
+        raise HTTPJSONError(415, "send multipart/form-data")
+    if request.content_length is not None and request.content_length > max_total:
+        raise HTTPJSONError(413, f"body of {request.content_length} bytes; at most "
+                                 f"{_size(max_total)}", "too_large")
+    reader = await request.multipart()
+    files: list[tuple[str, bytes | None]] = []
+    total = 0
+    while (part := await reader.next()) is not None:
+        if not isinstance(part, BodyPartReader):
+            continue
+        if part.name != field:
+            await read_limited(part, FORM_TEXT_BYTES, f"field {part.name!r}")
+            continue
+        if len(files) == max_files:
+            raise HTTPJSONError(413, f"more than {max_files} files", "too_large")
+        chunks: list[bytes] | None = []
+        size = 0
+        while chunk := await part.read_chunk(CHUNK):
+            size += len(chunk)
+            total += len(chunk)
+            if total > max_total:
+                raise HTTPJSONError(413, f"files over {_size(max_total)} in all", "too_large")
+            if size > limit_each:
+                chunks = None  # read on to the next file, keep nothing of this one
+            elif chunks is not None:
+                chunks.append(chunk)
+        files.append((part.filename or f"file {len(files) + 1}",
+                      None if chunks is None else b"".join(chunks)))
+    return files

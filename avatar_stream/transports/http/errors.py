@@ -8,17 +8,10 @@ from typing import Any
 
 from aiohttp import web
 
-from avatar_stream.errors import SpeechError, kind_of
+from avatar_stream.errors import SpeechError, error_body, kind_of
 from avatar_stream.transports.http.auth import AuthError, retry_after
 
 BEARER_CHALLENGE = {"WWW-Authenticate": 'Bearer realm="avatar-stream"'}
-
-
-def error_body(message: str, reason: str | None = None) -> dict[str, str]:
-    body = {"error": message}
-    if reason:
-        body["reason"] = reason
-    return body
 
 
 class HTTPJSONError(web.HTTPException):
