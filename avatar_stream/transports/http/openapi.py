@@ -221,6 +221,20 @@ SCHEMAS: Json = {
             "preview": {"type": "string", "description": "The reference picture's URL."},
         },
     },
+    "PhotoScore": {
+        "type": "object", "required": ["name", "score"],
+        "properties": {
+            "name": {"type": "string", "description": "The file's name."},
+            "score": {"type": "number", "description": "0 (unusable) to 100."},
+            "parts": {"type": "object", "additionalProperties": {"type": "number"},
+                      "description": "Each part, 0-1: face, pose, sharpness, exposure, ..."},
+            "measures": {"type": "object", "additionalProperties": {"type": "number"}},
+            "problem": {"type": ["string", "null"], "description": "Why it is unusable."},
+            "notes": {"type": "array", "items": {"type": "string"}},
+            "reason": {"type": ["string", "null"],
+                       "description": "The problem's code: `not_image`, `no_face`, ..."},
+        },
+    },
     "Pushed": {
         "type": "object",
         "required": ["utterance_id", "received_s", "queued_s", "queue_s", "ended",
@@ -510,6 +524,26 @@ def spec(config: ServerConfig) -> Json:
                  **_errors(*server_errors)},
                 tag="avatars", operation_id="listAvatars", security=server_auth),
         },
+        "/v1/avatars/rank": {"post": _op(
+            "Rank photos", "How good each photo is as a reference (0-100, best first), with "
+            "the reasons for a low part: the same scores as `avatar-stream avatars rank`. "
+            "Nothing is stored; a file that is no usable photo is ranked last with its "
+            "reason.",
+            {"200": _json({"type": "object", "required": ["ranking", "recommended"],
+                           "properties": {
+                               "ranking": {"type": "array", "items": _ref("PhotoScore")},
+                               "recommended": {"type": ["string", "null"],
+                                               "description": "The best usable photo's "
+                                                              "name."}}}, "The ranking"),
+             **_errors(400, *server_errors, 413, 415, 503)},
+            tag="avatars", operation_id="rankPhotos", security=server_auth,
+            requestBody={"required": True, "content": {"multipart/form-data": {"schema": {
+                "type": "object", "required": ["image"],
+                "properties": {"image": {
+                    "description": "A photo: the field once per photo. Any bytes (on the "
+                                   "wire one part is one part, whatever it holds): a file "
+                                   "that is no usable photo is ranked too, last, with its "
+                                   "reason."}}}}}})},
         "/v1/avatars/{id}": {
             "parameters": [AVATAR_ID],
             "get": _op(
