@@ -11,13 +11,13 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from netns import namespace, stop, tail
 
 from avatar_stream.config import ServerConfig
 from avatar_stream.transports.http.openapi import spec
@@ -45,48 +45,16 @@ pytestmark = [pytest.mark.timeout(240),
               pytest.mark.skipif(_cannot_run() is not None, reason=str(_cannot_run()))]
 
 
-def _run(*cmd: str) -> None:
-    subprocess.run(cmd, capture_output=True, text=True, timeout=30, check=True)
-
-
 @pytest.fixture(scope="module")
-def netns():
-    """A namespace with only ``lo`` up; deleted, with everything in it, at the end."""
-    name = f"avw_whep_{os.getpid()}"
-    _run("ip", "netns", "add", name)
-    try:
-        _run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
+def netns() -> Iterator[str]:
+    with namespace("avw_whep") as name:
         yield name
-    finally:
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
-        for pid in pids.stdout.split():  # all started by this test
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
 def _start(netns: str, cmd: list[str], log: Path) -> subprocess.Popen:
     with open(log, "wb") as f:
         return subprocess.Popen(["ip", "netns", "exec", netns, *cmd], cwd=ROOT, stdout=f,
                                 stderr=subprocess.STDOUT, start_new_session=True)
-
-
-def _stop(proc: subprocess.Popen) -> None:
-    proc.send_signal(signal.SIGTERM)
-    try:
-        proc.wait(timeout=10)
-    except subprocess.TimeoutExpired:
-        proc.kill()
-        proc.wait(timeout=10)
-
-
-def _tail(path: Path, n: int = 40) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
 
 
 @pytest.fixture(scope="module")
@@ -111,8 +79,8 @@ def stack(netns: str, tmp_path_factory: pytest.TempPathFactory):
     try:
         yield netns, server, server_log, turn, turn_log
     finally:
-        _stop(server)
-        _stop(turn)
+        stop(server)
+        stop(turn)
 
 
 def _drive(stack, *args: str) -> tuple[dict, Callable[[], str]]:
@@ -125,7 +93,7 @@ def _drive(stack, *args: str) -> tuple[dict, Callable[[], str]]:
     lines = driver.stdout.strip().splitlines()
 
     def context() -> str:
-        return (f"\nserver log:\n{_tail(server_log)}\nturn log:\n{_tail(turn_log, 20)}"
+        return (f"\nserver log:\n{tail(server_log)}\nturn log:\n{tail(turn_log, 20)}"
                 f"\ndriver stderr:\n{driver.stderr[-3000:]}")
 
     assert driver.returncode == 0 and lines, context()
