@@ -43,7 +43,7 @@ $(VENV)/.installed: pyproject.toml setup.py
 	touch $@
 
 $(VENV)/.installed-test: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[test,test-flashhead,dev]'
+	$(BIN)/python -m pip install -q -e '.[test,test-flashhead,dev,pipecat,livekit]'
 	$(BIN)/python -m pip install -q $(TEST_TORCH)
 	touch $@
 

@@ -11,6 +11,7 @@ from __future__ import annotations
 STATUS: dict[str, int] = {
     "bad_request": 400,
     "bad_audio": 400,
+    "bad_state": 400,
     "unauthorized": 401,
     "forbidden": 403,
     "not_found": 404,

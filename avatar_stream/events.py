@@ -14,6 +14,7 @@ READY = "ready"
 SPEECH_STARTED = "speech.started"
 SPEECH_FINISHED = "speech.finished"
 SESSION_ENDED = "session.ended"
+STATE_CHANGED = "state.changed"
 ERROR = "error"
 
 Message = dict[str, Any]  # a control message or reply as JSON, any shape
@@ -41,6 +42,15 @@ class SpeechFinished(TypedDict):
     interrupted: bool
 
 
+class StateChanged(TypedDict):
+    """What the face shows changed (``core/turnstate.py``): idle, listening, thinking,
+    speaking."""
+
+    type: Literal["state.changed"]
+    state: str
+    previous: str
+
+
 class SessionEnded(TypedDict):
     type: Literal["session.ended"]
     reason: str
@@ -55,7 +65,7 @@ class ErrorEvent(_ErrorBase, total=False):
     code: str  # an error kind (``errors.STATUS``) where a client can act on it
 
 
-Event = Ready | SpeechStarted | SpeechFinished | SessionEnded | ErrorEvent
+Event = Ready | SpeechStarted | SpeechFinished | StateChanged | SessionEnded | ErrorEvent
 
 
 def ready(session_id: str, avatar: dict[str, Any]) -> Ready:
@@ -69,6 +79,10 @@ def speech_started(utterance_id: str) -> SpeechStarted:
 def speech_finished(utterance_id: str, position_s: float, interrupted: bool) -> SpeechFinished:
     return {"type": "speech.finished", "utterance_id": utterance_id,
             "position_s": round(position_s, 3), "interrupted": interrupted}
+
+
+def state_changed(state: str, previous: str) -> StateChanged:
+    return {"type": "state.changed", "state": state, "previous": previous}
 
 
 def session_ended(reason: str) -> SessionEnded:

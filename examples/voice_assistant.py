@@ -84,6 +84,7 @@ async def speak(control: SessionControl, http: aiohttp.ClientSession,
     """One utterance: synthesise, push piece by piece as it arrives, wait until it played."""
     uid = f"line-{n}"
     t0 = time.perf_counter()
+    await control.set_state("thinking", via=args.via)  # the face shows it; speech ends it
     first = None
     pushed = 0.0
     pieces = speech_from_endpoint(http, args, text) if args.tts_url \

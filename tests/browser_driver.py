@@ -152,6 +152,10 @@ def run_full(page, args, out: dict) -> None:
         arg=n_events, timeout=10_000,
     )
     out["say"] = measure(page, 1.5)
+    page.wait_for_function(  # the turn state beside the connection's
+        "() => document.getElementById('turn').textContent === 'speaking'", timeout=5_000)
+    out["turn_while_saying"] = page.evaluate(
+        "() => { const t = document.getElementById('turn'); return [t.hidden, t.textContent]; }")
     page.wait_for_function(
         "(n) => window.avatarClient.events.slice(n).some(e => e.type === 'speech.finished')",
         arg=n_events, timeout=10_000,

@@ -79,7 +79,7 @@ async def ws_reply(ws: Any, timeout: float = 5.0) -> dict[str, Any]:
     pong), skipping the session events that may arrive in between."""
     while True:
         message = await ws.receive_json(timeout=timeout)
-        if not message["type"].startswith(("speech.", "session.")):
+        if not message["type"].startswith(("speech.", "session.", "state.")):
             return dict(message)
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 from aiohttp import web
 from speechtools import events, until
-from test_tts import StandInTTS
+from standin_tts import StandInTTS
 
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.config import ServerConfig
@@ -23,7 +23,7 @@ pytestmark = [pytest.mark.timeout(90)]
 @pytest.mark.parametrize("via, tts", [("ws", "espeak"), ("http", "espeak"), ("ws", "endpoint")])
 async def test_voice_assistant_example_drives_a_watched_session(via, tts) -> None:
     config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"])
-    stand_in = StandInTTS()  # an OpenAI-compatible TTS endpoint on 127.0.0.1 (test_tts.py)
+    stand_in = StandInTTS()  # an OpenAI-compatible TTS endpoint on 127.0.0.1 (standin_tts.py)
     app = web.Application()
     app.router.add_post("/v1/audio/speech", stand_in.speech)
     runner = web.AppRunner(app)

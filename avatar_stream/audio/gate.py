@@ -72,3 +72,9 @@ class LiveSpeechGate:
         if self.current is not None:
             self._cancelled = True
             self.current = None
+
+
+def loudness(samples: np.ndarray, gate: LiveSpeechGate, range_db: float = 30.0) -> float:
+    """How loud a voice is, 0..1: 0 at the gate's threshold, 1 ``range_db`` above it."""
+    level = (rms_dbfs(samples) - gate.threshold_dbfs) / range_db
+    return min(1.0, max(0.0, level))

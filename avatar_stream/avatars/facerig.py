@@ -632,7 +632,13 @@ class FaceRigger:
     # video frames
 
     def mouth_opening(self, image: np.ndarray) -> float | None:
-        """Inner-lip gap / face height in one video frame, None if no face: for lip-sync checks.
+        """Inner-lip gap / face height in one video frame, None if no face: for lip-sync checks
+        (``track``)."""
+        points = self.track(image)
+        return None if points is None else _mouth_opening(points)
+
+    def track(self, image: np.ndarray) -> np.ndarray | None:
+        """The (468, 3) landmarks of the face in one video frame, None if no face.
 
         Tracks like MediaPipe: the crop comes from the previous frame's landmarks (same thread,
         same frame size), so a frame usually costs one landmark pass and no detection.
@@ -643,14 +649,14 @@ class FaceRigger:
             result = self._landmarks_in(image, state.track)
             if result is not None and result[1] >= PRESENCE_THRESHOLD:
                 state.track = _roi_from_landmarks(result[0])
-                return _mouth_opening(result[0])
+                return result[0]
         for face in self.detect(image):  # no track, or lost it: find the face afresh
             result = self._landmarks_in(image, _roi_from_detection(face))
             if result is not None and result[1] >= PRESENCE_THRESHOLD:
                 # a detection crop is coarse: one refining pass
                 result = self._landmarks_in(image, _roi_from_landmarks(result[0])) or result
                 state.track, state.track_shape = _roi_from_landmarks(result[0]), image.shape
-                return _mouth_opening(result[0])
+                return result[0]
         state.track = state.track_shape = None
         return None
 

@@ -39,6 +39,7 @@ from avatar_stream.client.sessioncontrol import (
     stream_pcm16,
 )
 from avatar_stream.config import IceServer
+from avatar_stream.core.turnstate import check_state
 from avatar_stream.media import OUT_RATE
 from avatar_stream.transports.webrtc.encoders import OpusPacketEncoder, use_avatar_encoders
 from avatar_stream.transports.webrtc.ice import (
@@ -148,6 +149,11 @@ class AvatarClient(SessionCalls):
     ``token`` is the session token from the server (for this session's calls);
     ``api_key`` is needed to create a session on a server that has one.
     ``audio_prefetch``: audio packets (20 ms each) held back to reorder before playing.
+    ``on_frame(frame, arrived)`` gets every decoded video and audio frame as it comes (a
+    relay into another pipeline); with ``record=False`` nothing is kept in ``received``,
+    so a long session holds no memory per frame.
+    ``microphone``: ``"speak"`` (the server's default: the avatar says what ``mic`` plays)
+    or ``"listen"`` (``mic`` is the user's voice: the avatar listens while it speaks).
     """
 
     def __init__(
@@ -163,8 +169,12 @@ class AvatarClient(SessionCalls):
         api_key: str | None = None,
         audio_prefetch: int = AUDIO_PREFETCH,
         video_codecs: list[str] | None = None,
+        record: bool = True,
+        on_frame: Callable[[av.VideoFrame | av.AudioFrame, float], None] | None = None,
+        microphone: str | None = None,
     ) -> None:
         self.base_url = base_url.rstrip("/")
+        self.microphone = microphone
         self.audio_prefetch = audio_prefetch
         self.api_key = api_key
         self.token: str | None = None
@@ -180,6 +190,8 @@ class AvatarClient(SessionCalls):
         self.record_face = record_face
         self.decode_video = decode_video  # False: only note when each frame arrived
         self.video_codecs = video_codecs  # e.g. ["video/VP8"]: offer only these (default: all)
+        self.record = record
+        self.on_frame = on_frame
         self._last_rtp: int | None = None
         self.connect_started: float | None = None
         self.first_frame_at: float | None = None
@@ -242,7 +254,8 @@ class AvatarClient(SessionCalls):
         def on_message(message: str | bytes) -> None:
             if isinstance(message, str):
                 event = json.loads(message)
-                self.received.events.append((time.perf_counter(), event))
+                if self.record:
+                    self.received.events.append((time.perf_counter(), event))
                 self._sender.on_message(event)
                 self.hub.publish(event)
                 with contextlib.suppress(asyncio.QueueFull):
@@ -253,6 +266,8 @@ class AvatarClient(SessionCalls):
         body: dict[str, Any] = {"type": "offer", "sdp": self.pc.localDescription.sdp}
         if self.avatar:
             body["avatar"] = self.avatar
+        if self.microphone:
+            body["microphone"] = self.microphone
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
         async with self._http.post(f"{self.base_url}/v1/sessions", json=body,
                                    headers=headers) as resp:
@@ -297,6 +312,12 @@ class AvatarClient(SessionCalls):
             now = time.perf_counter()
             arrivals = self._arrivals.get(track.kind)
             net_t = arrivals.frames_out.popleft() if arrivals and arrivals.frames_out else now
+            if self.on_frame is not None and isinstance(frame, av.VideoFrame | av.AudioFrame):
+                self.on_frame(frame, now)
+            if not self.record:
+                if self.first_frame_at is None and isinstance(frame, av.VideoFrame):
+                    self.first_frame_at = now
+                continue
             if isinstance(frame, av.VideoFrame):
                 if self.first_frame_at is None:
                     self.first_frame_at = now
@@ -340,6 +361,20 @@ class AvatarClient(SessionCalls):
         """Barge in over the data channel; returns when it was sent."""
         self.send({"type": "interrupt"})
         return time.perf_counter()
+
+    async def set_state(self, state: str, via: str = "datachannel") -> None:
+        """The turn state: ``listening`` (the user speaks), ``thinking`` (the reply is on
+        its way) or ``idle``. Speech shows over it; ``thinking`` ends when speech starts.
+        Over the data channel (default, ordered with the speech sent there) or HTTP; a
+        ``state.changed`` event follows when what the face shows changes. ValueError for
+        another state (checked here, so the server never has to refuse it)."""
+        check_state(state)
+        if via == "datachannel":
+            self.send({"type": "state", "state": state})
+        elif via == "http":
+            await self.set_state_http(state)
+        else:
+            raise ValueError("via must be 'datachannel' or 'http'")
 
     # -- pushed speech -------------------------------------------------------------------
 

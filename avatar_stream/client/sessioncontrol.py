@@ -21,6 +21,7 @@ from typing import Any
 import aiohttp
 import numpy as np
 
+from avatar_stream.core.turnstate import check_state
 from avatar_stream.events import Message
 
 Audio = np.ndarray | bytes
@@ -266,6 +267,11 @@ class SessionCalls:
         """Barge in over HTTP; returns the utterances cut."""
         return list((await self._call("POST", "/interrupt"))["interrupted"])
 
+    async def set_state_http(self, state: str) -> dict[str, Any]:
+        """``POST .../state``; returns ``{"turn_state", "turn_state_set"}`` (what shows now,
+        what was set). Raises RequestError (400 for an unknown state)."""
+        return await self._call("POST", "/state", json={"state": state})  # type: ignore[no-any-return]
+
     async def say(self, text: str, voice: str | None = None,
                   utterance_id: str | None = None) -> dict[str, Any]:
         """Speak ``text`` through the server's TTS; returns when it is queued."""
@@ -322,6 +328,9 @@ class SessionControl(SessionCalls):
         except aiohttp.WSServerHandshakeError as exc:
             await self._http.close()
             raise RequestError(exc.status, f"WebSocket refused: {exc.message}") from None
+        except BaseException:  # no server there, cancelled...: nothing of it stays open
+            await self._http.close()
+            raise
         self._ws = ws
         self._sender = SpeechSender(ws.send_str, ws.send_bytes)
         self._reader = asyncio.create_task(self._read())
@@ -391,6 +400,20 @@ class SessionControl(SessionCalls):
             await self._ws.send_str(json.dumps({"type": "interrupt"}))
         else:
             await self.interrupt_http()
+
+    async def set_state(self, state: str, via: str = "ws") -> None:
+        """The turn state: ``listening`` (the user speaks), ``thinking`` (the reply is on
+        its way) or ``idle``. Speech shows over it; ``thinking`` ends when speech starts.
+        Over the WebSocket (default, ordered with the speech sent there) or HTTP; a
+        ``state.changed`` event follows when what the face shows changes. ValueError for
+        another state (checked here, so the server never has to refuse it)."""
+        check_state(state)
+        if via == "ws" and self.connected and self._ws is not None:
+            await self._ws.send_str(json.dumps({"type": "state", "state": state}))
+        elif via in ("ws", "http"):
+            await self.set_state_http(state)
+        else:
+            raise ValueError("via must be 'ws' or 'http'")
 
     async def close(self, delete: bool = False) -> None:
         """Close the WebSocket; with ``delete`` also end the session for everyone."""

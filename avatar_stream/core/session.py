@@ -27,12 +27,15 @@ from avatar_stream.core.sink import MediaSink, Transport
 from avatar_stream.core.speechinput import SpeechInput
 from avatar_stream.core.speechqueue import SpeechQueue
 from avatar_stream.core.synchronizer import Synchronizer
+from avatar_stream.core.turnstate import TurnState
 from avatar_stream.core.worker import EngineWorker
 from avatar_stream.engines.base import Avatar, Engine, EngineStream
 from avatar_stream.events import Event
+from avatar_stream.media import FPS
 from avatar_stream.scale.metrics import Metrics
 
 log = logging.getLogger(__name__)
+HANDOVER_S = 1.5 / FPS  # the avatar still speaks if the next utterance starts within this
 
 
 class Session:
@@ -53,7 +56,9 @@ class Session:
         self._on_closed = on_closed
         self.metrics = metrics
         self.speech = SpeechQueue(config.speech_queue_s)
-        self.input = SpeechInput(self.speech, self.touch, config.utterance_idle_end_s)
+        self.turn = TurnState(self._turn_changed)
+        self.input = SpeechInput(self.speech, self.touch, config.utterance_idle_end_s,
+                                 on_voice=self.turn.hear)
         self.transport: Transport | None = None
         self.stream: EngineStream | None = None
         self.sync: Synchronizer | None = None
@@ -67,6 +72,7 @@ class Session:
         self.last_activity = self.created_at
         self._closing = False
         self._tasks: set[asyncio.Task[Any]] = set()
+        self._speaking_check: asyncio.Handle | None = None
 
     # -- set-up ----------------------------------------------------------------------
 
@@ -75,6 +81,7 @@ class Session:
         the session's timers (the connect timeout and the idle watchdog)."""
         stream, _ = await self.worker.run(self.engine.open_stream, self.avatar)
         self.stream = stream
+        self.turn.attach(stream.set_state)
         self.sync = Synchronizer(
             stream, self.worker, self.speech, sink, self.emit,
             on_step=self.metrics.engine_step.observe if self.metrics else None,
@@ -135,16 +142,41 @@ class Session:
         self.input.interrupt()
         return self.sync.interrupt() if self.sync else self.speech.clear()
 
+    def set_state(self, state: str) -> None:
+        """The turn state a client set (idle, listening, thinking: ``core/turnstate.py``);
+        ValueError for another."""
+        self.touch()
+        self.turn.set(state)
+
     # -- events out ------------------------------------------------------------------
 
     def emit(self, event: Event) -> None:
-        if event["type"] == events.ERROR and self.metrics:
+        kind = event["type"]
+        if kind == events.ERROR and self.metrics:
             self.metrics.errors.labels("control").inc()
         for listener in list(self.listeners):
             try:
                 listener(event)
             except Exception:  # one broken listener must not starve the others
                 log.exception("session %s: event listener failed", self.id)
+        if kind == events.SPEECH_STARTED or kind == events.SPEECH_FINISHED:
+            # one utterance handing over to the next (in the same frame or the next one)
+            # is no change of turn: speech ends a frame after its last speech.finished,
+            # unless a barge-in cut it
+            if self._speaking_check is not None:
+                self._speaking_check.cancel()
+            ended = kind == events.SPEECH_FINISHED and not dict(event).get("interrupted")
+            wait = HANDOVER_S if ended else 0
+            loop = asyncio.get_running_loop()
+            self._speaking_check = loop.call_later(wait, self._check_speaking)
+
+    def _check_speaking(self) -> None:
+        self._speaking_check = None
+        if not self._closing:
+            self.turn.set_speaking(self.sync is not None and self.sync.speaking)
+
+    def _turn_changed(self, state: str, previous: str) -> None:
+        self.emit(events.state_changed(state, previous))
 
     # -- teardown --------------------------------------------------------------------
 
@@ -168,6 +200,8 @@ class Session:
         log.info("session %s ends: %s", self.id, reason)
         with contextlib.suppress(Exception):
             self.emit(events.session_ended(reason))
+        if self._speaking_check is not None:
+            self._speaking_check.cancel()
         current = asyncio.current_task()
         for task in list(self._tasks):
             if task is not current:
@@ -206,6 +240,10 @@ class Session:
         return {
             "session_id": self.id,
             "state": self.state,
+            "turn_state": self.turn.shown,
+            "turn_state_set": self.turn.requested,
+            "microphone": self.input.microphone,
+            "engine_shows_states": sorted(self.engine.shows_states),
             "speech_queued_s": round(self.speech.seconds, 3),
             "age_s": round(asyncio.get_running_loop().time() - self.created_at, 1),
             **({k: round(v, 5) for k, v in vars(sync).items()} if sync else {}),

@@ -17,13 +17,24 @@ from dataclasses import dataclass
 import numpy as np
 
 from avatar_stream.audio.decode import Pcm
-from avatar_stream.audio.gate import LiveSpeechGate
+from avatar_stream.audio.gate import LiveSpeechGate, loudness
 from avatar_stream.audio.resample import Resampler
 from avatar_stream.core.speechqueue import SpeechQueue, SpeechQueueFull
 from avatar_stream.errors import SpeechError
 from avatar_stream.media import SAMPLE_RATE
 
 MAX_UTTERANCE_ID = 128
+#: what the microphone (the session's incoming audio track) is: ``speak``, speech for the
+#: avatar to say (the default: it speaks what it hears); ``listen``, the user's voice
+#: (the avatar listens while the user speaks, and says nothing of it)
+MICROPHONE_MODES = ("speak", "listen")
+
+
+def check_microphone(value: object) -> str:
+    if not isinstance(value, str) or value not in MICROPHONE_MODES:
+        raise ValueError(f"microphone must be one of {', '.join(MICROPHONE_MODES)}; "
+                         f"got {value!r}")
+    return value
 
 
 def check_utterance_id(value: object) -> str:
@@ -47,7 +58,8 @@ class _Utterance:
 
 class SpeechInput:
     """A session's speech in: pushed utterances (ids, one resampler per utterance, ends)
-    and the microphone (``listen``: the live gate makes its utterances).
+    and the microphone (``listen``: the live gate makes its utterances; or, in the
+    ``listen`` microphone mode, tells ``on_voice`` when the user speaks and how loud).
 
     An utterance stays open (the avatar waits for more of it rather than going idle in
     the middle of a sentence) until its ``end`` comes, or until no audio has come for
@@ -63,8 +75,11 @@ class SpeechInput:
         on_queued: Callable[[], None],
         idle_end_s: float = 1.0,
         quality: str = "HQ",
+        on_voice: Callable[[bool, float], None] | None = None,
     ) -> None:
         self.queue = queue
+        self.on_voice = on_voice
+        self.microphone = "speak"  # one of MICROPHONE_MODES
         self.on_queued = on_queued
         self.idle_end_s = idle_end_s
         self.quality = quality
@@ -126,7 +141,14 @@ class SpeechInput:
     def listen(self, pcm: np.ndarray) -> None:
         """Microphone audio, 16 kHz mono as it comes: the live gate cuts it into utterances.
         A piece that does not fit the bounded queue is dropped (the microphone outran it);
-        the next may fit."""
+        the next may fit. In ``listen`` mode the gate only says whether the user speaks."""
+        if self.microphone == "listen":
+            self.gate.feed(pcm, 0.0)  # nothing is queued: only its open utterance matters
+            if self.gate.current is not None:
+                self.on_queued()  # a user speaking is not an idle session
+            if self.on_voice is not None:
+                self.on_voice(self.gate.current is not None, loudness(pcm, self.gate))
+            return
         for utterance, samples in self.gate.feed(pcm, self.queue.seconds):
             self.on_queued()
             if samples is None:
@@ -137,8 +159,10 @@ class SpeechInput:
 
     def interrupt(self) -> None:
         """Barge-in: every open utterance is cut; audio still arriving for it is refused,
-        and the microphone's current utterance is dropped until the speaker pauses."""
-        self.gate.cancel()
+        and the microphone's current utterance is dropped until the speaker pauses (in
+        ``listen`` mode the user goes on being heard: a barge-in is usually theirs)."""
+        if self.microphone == "speak":
+            self.gate.cancel()
         for uid in list(self._open):
             self._finish(uid, "interrupted")
 

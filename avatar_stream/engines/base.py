@@ -96,6 +96,13 @@ class EngineStream(ABC):
     def reset(self) -> None:
         """Barge-in: forget speech context and go back to idle without a visible jump."""
 
+    def set_state(self, state: str, energy: float | None = None) -> None:  # noqa: B027
+        """The turn state to show when not speaking (``idle``, ``listening``, ``thinking``;
+        see ``core/turnstate.py``), and while listening the user's voice energy (0..1, about
+        50 times a second; None: the user's audio is not here). Speech in ``step`` wins over
+        it, frame by frame. Called on the event loop: store it for the next step, nothing
+        more. Engines that cannot show states (``Engine.shows_states`` empty) ignore it."""
+
     def close(self) -> None:  # noqa: B027 - optional hook
         """Free per-session resources (GPU state, buffers)."""
 
@@ -109,6 +116,9 @@ class Engine(ABC):
     #: frames per second the device makes, all sessions together, measured by ``warm_up``
     #: (None: not measured; a CPU engine scales with threads and sets no limit)
     step_fps: float | None = None
+    #: the turn states (``listening``, ``thinking``) its streams show on the face; the
+    #: others it is told are still reported in events and stats, not shown
+    shows_states: frozenset[str] = frozenset()
 
     @property
     def realtime_sessions(self) -> int | None:

@@ -28,6 +28,7 @@ class StillStream(EngineStream):
 class StillEngine(Engine):
     name = "still"
     worker_threads = 1
+    shows_states: frozenset[str] = frozenset()  # the photo, unanimated: the floor
 
     def prepare(self, image: np.ndarray, avatar_id: str) -> Avatar:
         return photo_avatar(image, avatar_id, self.name)

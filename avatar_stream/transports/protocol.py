@@ -11,6 +11,7 @@ from typing import Any
 from avatar_stream import events
 from avatar_stream.audio.decode import check_format, decode_pcm
 from avatar_stream.core.speechinput import SpeechInput, check_utterance_id
+from avatar_stream.core.turnstate import check_state
 from avatar_stream.errors import SpeechError
 from avatar_stream.events import Message
 
@@ -22,7 +23,8 @@ class SpeechProtocol:
     """One connection's speech messages (a WebSocket, or the ``control`` data channel).
 
     JSON text messages: ``start {sample_rate, channels, utterance_id}``, ``end``,
-    ``interrupt``, ``ping``. Binary messages: little-endian PCM16, interleaved, for the
+    ``interrupt``, ``state {state}`` (idle, listening, thinking: the turn state, see
+    ``core/turnstate.py``), ``ping``. Binary messages: little-endian PCM16, interleaved, for the
     utterance the last ``start`` opened. Replies that concern only this connection (acks,
     errors, pong) go to ``reply``; session events go to every listener elsewhere.
     A garbage message gets an error event and changes nothing.
@@ -34,11 +36,13 @@ class SpeechProtocol:
         interrupt: Callable[[], object],
         reply: Callable[[Message], None],
         *,
+        set_state: Callable[[str], None],
         max_binary_bytes: int = 1 << 20,
         on_activity: Callable[[], None] | None = None,
     ) -> None:
         self.speech = speech
         self._interrupt = interrupt
+        self._set_state = set_state
         self.reply = reply
         self.max_binary_bytes = max_binary_bytes
         self.on_activity = on_activity
@@ -75,11 +79,19 @@ class SpeechProtocol:
         elif kind == "interrupt":
             self._cut = self.utterance is not None
             self._interrupt()
+        elif kind == "state":
+            self._state(msg)
         elif kind == "ping":
             self.reply({"type": "pong"})
         else:
             self.error("bad_message", f"unknown message type {kind!r} (start, end, interrupt, "
-                                      "ping)")
+                                      "state, ping)")
+
+    def _state(self, msg: dict[str, Any]) -> None:
+        try:
+            self._set_state(check_state(msg.get("state")))
+        except ValueError as exc:
+            self.error("bad_state", str(exc))
 
     def _start(self, msg: dict[str, Any]) -> None:
         rate, channels = msg.get("sample_rate"), msg.get("channels", 1)

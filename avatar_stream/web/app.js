@@ -339,6 +339,7 @@
   }
 
   function teardown() {
+    $("turn").hidden = true;
     clearInterval(statsTimer);
     statsTimer = null;
     stopFile();
@@ -372,6 +373,11 @@
     client.events.push(msg);
     if (client.events.length > MAX_EVENTS) client.events.splice(0, client.events.length - MAX_EVENTS);
     if (msg.type === "stats") return; // shown in the stats table, too chatty for the log
+    if (msg.type === "ready" || msg.type === "state.changed") {
+      const turn = $("turn"); // the turn state beside the connection's
+      turn.textContent = msg.state || "idle";
+      turn.hidden = false;
+    }
     const { type, ...rest } = msg;
     const extra = Object.keys(rest).length ? " " + JSON.stringify(rest) : "";
     log(`← ${type}${extra}`, type === "error" ? "error" : "in");

@@ -1,21 +1,18 @@
 """``POST .../say``: text through a TTS backend into the avatar's speech.
 
 espeak-ng (the offline default) runs for real. No OpenAI-compatible TTS server exists on
-this machine, so a stand-in one runs on 127.0.0.1 inside the test: it answers
+this machine, so a stand-in one (standin_tts.py) runs on 127.0.0.1 inside the test: it answers
 ``POST /v1/audio/speech`` the way such servers do (JSON request, streamed ``wav`` with a
 streaming writer's placeholder sizes, or raw 24 kHz ``pcm``), speaking with espeak-ng
 so the speech that comes back can be recognised."""
 
 from __future__ import annotations
 
-import asyncio
-import subprocess
-
-import numpy as np
 import pytest
 import pytest_asyncio
 from aiohttp import web
 from speechtools import envelope_match, received_between, utterance_window, wait_finished
+from standin_tts import StandInTTS, espeak_wav
 
 from avatar_stream.audio.decode import decode_wav
 from avatar_stream.client.avatarclient import AvatarClient, RequestError
@@ -25,47 +22,6 @@ from avatar_stream.transports.http.app import running_server
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
 
 TEXT = "Hello, I am speaking from a text to speech endpoint."
-
-
-def espeak_wav(text: str) -> bytes:
-    return subprocess.run(["espeak-ng", "-v", "en-us", "--stdout", text], capture_output=True,
-                          check=True).stdout
-
-
-class StandInTTS:
-    """A stand-in OpenAI-compatible /v1/audio/speech server (see the module docstring)."""
-
-    def __init__(self) -> None:
-        self.requests: list[tuple[dict, dict]] = []
-        self.mode = "ok"  # ok | error | mp3 | slow
-
-    async def speech(self, request: web.Request) -> web.StreamResponse:
-        body = await request.json()
-        self.requests.append((body, dict(request.headers)))
-        if self.mode == "error":
-            return web.json_response({"error": "model not loaded"}, status=500)
-        if self.mode == "slow":
-            await asyncio.sleep(5)
-        if self.mode == "mp3":
-            return web.Response(body=b"ID3" + bytes(100), content_type="audio/mpeg")
-        wav = espeak_wav(body["input"])
-        pcm = decode_wav(wav)
-        resp = web.StreamResponse()
-        if body.get("response_format") == "pcm":  # 24 kHz mono s16le, as OpenAI's "pcm"
-            import soxr
-
-            at24 = soxr.resample(pcm.samples, pcm.rate, 24000)
-            data = (np.clip(at24, -1, 1) * 32767).astype("<i2").tobytes()
-            resp.content_type = "audio/pcm"
-        else:
-            data = wav  # espeak's own streaming header: sizes 0x7FFFF000
-            resp.content_type = "audio/wav"
-        await resp.prepare(request)
-        for i in range(0, len(data), 4099):  # odd-sized pieces, as a streaming server sends
-            await resp.write(data[i : i + 4099])
-            await asyncio.sleep(0.002)
-        await resp.write_eof()
-        return resp
 
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")

@@ -439,3 +439,142 @@ def test_prepared_rigs_are_cached_on_disk(
     entries[0].write_bytes(b"torn")  # a damaged entry is rebuilt, not fatal
     assert engine.prepare(image, "c").data.roi == a.roi
     assert entries[0].stat().st_size > 1000
+
+
+# -- turn states --------------------------------------------------------------------------------
+
+HEAD = ("yaw", "pitch", "roll")
+
+
+def _voice_energy(speech: np.ndarray) -> np.ndarray:
+    """The user's voice as the server's gate reads it: loudness per 20 ms, two per frame."""
+    from avatar_stream.audio.gate import LiveSpeechGate, loudness
+
+    gate = LiveSpeechGate()
+    return np.array([loudness(half, gate) for half in speech.reshape(-1, SAMPLES_PER_FRAME // 2)])
+
+
+def _run_states(stream: WarpStream, plan: list[str], energy: np.ndarray | None = None,
+                speech: np.ndarray | None = None) -> list[Controls]:
+    """One step per entry of ``plan`` (a state; ``speaking`` feeds the next speech frame)."""
+    out, spoken = [], 0
+    for i, state in enumerate(plan):
+        if state == "speaking":
+            assert speech is not None
+            stream.step(speech[spoken])
+            spoken += 1
+        else:
+            if energy is None:
+                stream.set_state(state)
+            else:  # the microphone: a packet every 20 ms
+                stream.set_state(state, float(energy[2 * i % len(energy)]))
+                stream.set_state(state, float(energy[(2 * i + 1) % len(energy)]))
+            stream.step(None)
+        out.append(stream.controls)
+    return out
+
+
+def test_warp_shows_listening_and_thinking(avatar: Avatar, engine: WarpEngine) -> None:
+    """Thinking turns the head aside and up with a tilt; listening raises the brows and
+    leans in; idle again goes back to the idle head. Means over 1.5 s after easing."""
+    assert engine.shows_states == {"listening", "thinking"}
+    for seed in range(4):
+        plan = ["idle"] * 75 + ["thinking"] * 75 + ["listening"] * 75 + ["idle"] * 75
+        c = _run_states(engine.open_stream(avatar, seed=seed), plan)
+        ref = _run_states(engine.open_stream(avatar, seed=seed), ["idle"] * len(plan))
+
+        def offset(name: str, a: int, b: int, c: list[Controls] = c,
+                   ref: list[Controls] = ref) -> float:
+            return float(np.mean([getattr(x, name) - getattr(y, name)
+                                  for x, y in zip(c[a:b], ref[a:b], strict=True)]))
+
+        assert abs(offset("yaw", 100, 150)) > 4.0  # aside
+        assert offset("pitch", 100, 150) < -2.0  # up (negative pitch)
+        assert abs(offset("roll", 100, 150)) > 2.0  # tilted
+        assert offset("brow", 175, 225) > 0.4  # attentive brows
+        assert offset("pitch", 175, 225) > 0.5  # leaning in
+        assert abs(offset("yaw", 275, 300)) < 0.2 and abs(offset("brow", 275, 300)) < 0.02
+
+
+def test_state_transitions_are_eased(avatar: Avatar, engine: WarpEngine,
+                                     speech: np.ndarray) -> None:
+    """No jump: between any two frames the head turns at most 1 degree and the brows move
+    at most 0.08, through every change of state (a thinking pose is 5 degrees aside, the
+    listening brows 0.5 up), into speech (the state's part of the pose, against the same
+    speech from idle) and out of it; and a new pose takes several frames to come half way."""
+    energy = _voice_energy(speech)
+    plan = (["idle"] * 40 + ["thinking"] * 40 + ["listening"] * 60 + ["thinking"] * 40
+            + ["idle"] * 40 + ["listening"] * 40 + ["idle"] * 40)
+    into_speech = ["thinking"] * 50 + ["speaking"] * 60 + ["thinking"] * 50
+
+    def steps(c: list[Controls], name: str) -> np.ndarray:
+        return np.abs(np.diff([getattr(x, name) for x in c]))
+
+    for seed in range(4):
+        c = _run_states(engine.open_stream(avatar, seed=seed), plan, energy=energy)
+        posed = _run_states(engine.open_stream(avatar, seed=seed), into_speech, speech=speech)
+        plain = _run_states(engine.open_stream(avatar, seed=seed),
+                            ["idle"] * 50 + into_speech[50:110] + ["idle"] * 50, speech=speech)
+        for name in (*HEAD, "brow"):
+            bound = 0.08 if name == "brow" else 1.0
+            assert steps(c, name).max() <= bound, (name, steps(c, name).max())
+            layer = [Controls(**{name: getattr(a, name) - getattr(b, name)})
+                     for a, b in zip(posed, plain, strict=True)]
+            assert steps(layer, name).max() <= bound, (name, steps(layer, name).max())
+        ref = _run_states(engine.open_stream(avatar, seed=seed), ["idle"] * 80)
+        yaw = np.array([x.yaw - y.yaw for x, y in zip(c[40:80], ref[40:80], strict=True)])
+        half = int(np.argmax(np.abs(yaw) > 0.5 * np.abs(yaw[-10:]).mean()))
+        assert half >= 4, yaw[:10]  # ~0.2 s to come half way: eased, not a step
+
+
+def test_speaking_overrides_the_states(avatar: Avatar, engine: WarpEngine,
+                                       speech: np.ndarray) -> None:
+    """Told to think (or listen) all through its speech, the face speaks exactly as it does
+    from idle: the mouth frame for frame, and the head back to its speaking pose within a
+    second; after the speech the state shows again."""
+    n = len(speech)
+    for state in ("thinking", "listening"):
+        plan = [state] * 50 + ["speaking"] * n
+        posed = _run_states(engine.open_stream(avatar, seed=3), plan, speech=speech)
+        plain = _run_states(engine.open_stream(avatar, seed=3), ["idle"] * 50 + plan[50:],
+                            speech=speech)
+        for a, b in zip(posed[50:], plain[50:], strict=True):
+            assert (a.jaw, a.spread, a.round) == (b.jaw, b.spread, b.round)
+        for name in (*HEAD, "brow"):
+            gap = [abs(getattr(a, name) - getattr(b, name))
+                   for a, b in zip(posed[75:], plain[75:], strict=True)]
+            assert max(gap) < 0.05, (state, name, max(gap))
+    stream = engine.open_stream(avatar, seed=3)
+    c = _run_states(stream, ["speaking"] * 50 + ["thinking"] * 50, speech=speech)
+    assert abs(c[-1].yaw - c[49].yaw) > 3.0  # not speaking any more: the state shows
+
+
+def test_listening_nods_with_the_users_voice(avatar: Avatar, engine: WarpEngine,
+                                             speech: np.ndarray) -> None:
+    """With the user's voice the head dips and nods in time with it (Pearson r of the pitch
+    against the voice's loudness, drift taken out); without a voice it nods now and then."""
+    energy = _voice_energy(speech)
+    smooth = np.convolve(energy, np.ones(10) / 10, "same")[::2]  # per frame
+
+    def detrend(x: np.ndarray) -> np.ndarray:
+        return x - np.convolve(x, np.ones(37) / 37, "same")
+
+    for seed in range(4):
+        c = _run_states(engine.open_stream(avatar, seed=seed), ["listening"] * len(speech),
+                        energy=energy)
+        pitch = detrend(np.array([x.pitch for x in c]))
+        best = max(float(np.corrcoef(pitch[25 + lag : -20], detrend(smooth)[25 : -20 - lag])[0, 1])
+                   for lag in range(0, 15))
+        assert best > 0.3, (seed, best)
+        silent = _run_states(engine.open_stream(avatar, seed=seed), ["listening"] * 250)
+        kicks = np.diff(np.sign(np.diff([x.pitch for x in silent[25:]])))
+        assert (kicks < 0).sum() >= 3  # a few nods in 9 s with no voice to follow
+
+
+def test_engines_say_which_states_they_show() -> None:
+    from avatar_stream.engines.flashhead.engine import FlashHeadEngine
+    from avatar_stream.engines.still import StillEngine, StillStream
+
+    assert FlashHeadEngine.shows_states == frozenset()  # speech and a photo in, nothing else
+    assert StillEngine.shows_states == frozenset()
+    StillStream(default_avatar_image()).set_state("thinking", 0.5)  # accepted, not shown

@@ -149,6 +149,10 @@ async def test_sessions_spread_over_the_workers_and_calls_reach_them(front, spee
                      20, "video stopped")
         async with http.post(f"{url}/v1/sessions/{a.session_id}/interrupt") as r:
             assert r.status == 200
+        async with http.post(f"{url}/v1/sessions/{b.session_id}/state",
+                             json={"state": "thinking"}) as r:  # a turn state, through it too
+            assert r.status == 200 and (await r.json())["turn_state"] == "thinking"
+        await asyncio.wait_for(b.wait_event("state.changed"), 5)
         sent = await _metric(http, url, "avatar_frames_sent_total")
         assert sent["0"] > 0 and sent["1"] > 0 and sent["front"] == 0
         interrupts = await _metric(http, url, "avatar_interrupts_total")

@@ -195,6 +195,8 @@ def test_browser_client_end_to_end(netns, server, speech_wav, tmp_path):
     print(f"  say: avatar audio mean RMS {res['say']['mean_rms']}; events {said}")
     assert res["say"]["mean_rms"] > 0.01, f"say not heard: {res['say']}" + context()
     assert any(e["type"] == "speech.finished" and e.get("interrupted") is False for e in said)
+    assert res["turn_while_saying"] == [False, "speaking"]  # the page shows the turn state
+    assert "speaking" in [e["state"] for e in said if e["type"] == "state.changed"]
     assert info["shown"] and info["token"] and info["token"] in info["command"], info
     assert info["sayText"] == "", info  # the box is cleared once the server accepted it
 

@@ -326,6 +326,9 @@ class FlashHeadEngine(Engine):
 
     name = "flashhead"
     worker_threads = 1
+    # upstream's model takes only speech and a reference image: no input for a pose or an
+    # expression, so listening and thinking are reported (events, stats), never shown
+    shows_states: frozenset[str] = frozenset()
 
     def __init__(
         self,

@@ -28,6 +28,7 @@ class WarpEngine(Engine):
     # them: with fewer threads than sessions they also queue behind each other's, which
     # made a tenth of the frames late at 3 sessions on 2 cores (4 threads: a fortieth)
     worker_threads = 4
+    shows_states = frozenset({"listening", "thinking"})  # head pose and brows (motion.py)
 
     def prepare(self, image: np.ndarray, avatar_id: str) -> Avatar:
         """``image`` is normally the 512x512 reference crop (``avatar.reference_image``);

@@ -34,6 +34,12 @@ _RANGE_DB = 26.0  # loudness span below the recent peak that maps to jaw 0..1
 _BLINK = (0.5, 1.0, 0.75, 0.35, 0.1)  # per frame: ~200 ms, closing faster than opening
 _DOUBLE_BLINK = 0.2  # chance that a blink comes with a second one right after it
 _NOD_HZ, _NOD_DAMPING = 1.1, 0.55  # a nod: a damped swing of the head, pitch only
+# turn states (no eye rig: the gaze is the head's). Listening: brows up, the head a little
+# forward and steadier, small nods on the user's stresses. Thinking: the head turns aside
+# and up with a slight tilt (degrees), brows a little up. Eased in and out by a spring.
+_LISTEN_BROW, _LISTEN_LEAN, _LISTEN_STEADY = 0.5, 1.0, 0.8
+_THINK_YAW, _THINK_PITCH, _THINK_ROLL, _THINK_BROW = 5.0, -3.0, 2.5, 0.2
+_EASE_HZ = 1.3  # the turn spring: about 0.6 s from one state to the next, no jump
 
 
 @dataclass(frozen=True)
@@ -93,6 +99,21 @@ class _Nod:
         return self.angle
 
 
+class _Ease:
+    """A critically damped spring towards a target: starts and ends at rest, so a change of
+    state never jumps (per frame it moves at most ~0.12 of the way, at 25 fps)."""
+
+    def __init__(self) -> None:
+        self.value = self.speed = 0.0
+        self._w = 2 * math.pi * _EASE_HZ
+
+    def step(self, target: float, dt: float) -> float:
+        accel = self._w * self._w * (target - self.value) - 2 * self._w * self.speed
+        self.speed += accel * dt
+        self.value += self.speed * dt
+        return self.value
+
+
 class WarpStream(EngineStream):
     """One session: speech features -> smoothed controls -> frames. Everything random comes
     from one seeded generator, so the same seed and input give the same frames.
@@ -107,6 +128,8 @@ class WarpStream(EngineStream):
     frames_per_step = 1
 
     def __init__(self, rig: WarpRig, seed: int | None = None) -> None:
+        self._turn = "idle"  # set on the event loop (set_state), read by the next step
+        self._heard: float | None = None  # loudest user voice since the last step
         self._rig = rig
         # the farthest each control's field moves a pixel, per unit of the control
         self._reach = {
@@ -127,6 +150,12 @@ class WarpStream(EngineStream):
         self._reset_speech()
         self._calm_until = 0
         self._jaw = self._spread = self._round = self._brow = self._talk = 0.0
+        self._listen, self._think = _Ease(), _Ease()  # each state's weight, 0..1
+        # which way it looks when thinking: half the sessions each way, from a draw already
+        # made (a new one would change every later draw, and so idle, for a given seed)
+        self._aside = 1.0 if self._breath_phase < math.pi else -1.0
+        self._voice = self._voice_slow = 0.0  # the user's voice, fast and slow
+        self._next_backchannel = 0
 
     def _reset_speech(self) -> None:
         self._peak_db = -20.0  # recent loudness peak: makes the mapping level-independent
@@ -142,6 +171,12 @@ class WarpStream(EngineStream):
         jump."""
         self._reset_speech()
         self._calm_until = self._frame + FPS // 2
+
+    def set_state(self, state: str, energy: float | None = None) -> None:
+        self._turn = state
+        if energy is not None:
+            heard = self._heard
+            self._heard = energy if heard is None else max(heard, energy)
 
     def step(self, speech: np.ndarray | None) -> np.ndarray:
         c = self.controls = self._advance(speech)
@@ -227,9 +262,12 @@ class WarpStream(EngineStream):
             self._last_kick = self._frame
         if self._frame >= self._next_nod:  # now and then a small nod of its own
             if self._talk < 0.2:
-                self._nod.kick(float(self._rng.uniform(0.4, 0.9)))
-                self._last_kick = self._frame
+                amount = float(self._rng.uniform(0.4, 0.9))
+                if max(self._listen.value, self._think.value) < 0.5:  # a state nods its own
+                    self._nod.kick(amount)
+                    self._last_kick = self._frame
             self._next_nod = self._frame + int(self._rng.uniform(4.0, 10.0) * FPS)
+        listen, think, lean = self._turn_pose(speaking=speech is not None)
         nod = self._nod.step(1.0 / FPS)
 
         t = self._frame / FPS
@@ -243,14 +281,41 @@ class WarpStream(EngineStream):
         blink = _BLINK[k] if 0 <= k < len(_BLINK) else 0.0
         self._frame += 1
         breath = math.sin(2 * math.pi * 0.25 * t + self._breath_phase)
+        steady = 1.0 - _LISTEN_STEADY * listen  # a listener's gaze holds still
         return Controls(
             jaw=self._jaw,
             spread=self._spread,
             round=self._round,
             blink=blink,
-            brow=self._brow,
-            yaw=self._yaw(t) * (1.0 + 0.5 * self._talk),
-            pitch=self._pitch(t) + 0.8 * self._talk - 1.0 * self._brow + nod + 0.15 * breath,
-            roll=self._roll(t),
+            brow=min(1.0, self._brow + _LISTEN_BROW * listen + _THINK_BROW * think),
+            yaw=self._yaw(t) * (1.0 + 0.5 * self._talk) * steady
+            + _THINK_YAW * self._aside * think,
+            pitch=self._pitch(t) * steady + 0.8 * self._talk - 1.0 * self._brow + nod
+            + 0.15 * breath + lean + _THINK_PITCH * think,
+            roll=self._roll(t) * steady + _THINK_ROLL * self._aside * think,
             breath=0.6 * breath,
         )
+
+    def _turn_pose(self, speaking: bool) -> tuple[float, float, float]:
+        """(listening weight, thinking weight, forward lean in degrees) for this frame, and
+        the listener's nods. Speech wins: both weights ease out while it plays."""
+        state, heard = self._turn, self._heard
+        self._heard = None
+        dt = 1.0 / FPS
+        listen = self._listen.step(float(state == "listening" and not speaking), dt)
+        think = self._think.step(float(state == "thinking" and not speaking), dt)
+        voice = heard if heard is not None and state == "listening" else 0.0
+        self._voice += (voice - self._voice) * (0.5 if voice > self._voice else 0.15)
+        onset = self._voice - self._voice_slow
+        self._voice_slow += (self._voice - self._voice_slow) * 0.05
+        if listen > 0.5 and not speaking and self._frame - self._last_kick > 0.5 * FPS:
+            if heard is not None:
+                if onset > 0.1:  # a stress in the user's voice: a small nod with it
+                    self._nod.kick(listen * (0.8 + 1.2 * min(1.0, self._voice)))
+                    self._last_kick = self._frame
+            elif self._frame >= self._next_backchannel:  # no voice here: now and then
+                self._nod.kick(listen * float(self._rng.uniform(0.4, 0.8)))
+                self._last_kick = self._frame
+                self._next_backchannel = self._frame + int(self._rng.uniform(1.5, 3.5) * FPS)
+        lean = listen * (_LISTEN_LEAN + 1.5 * self._voice)  # the head dips with the voice
+        return listen, think, lean

@@ -48,6 +48,7 @@ from avatar_stream.transports.http.sessions import (
     get_session,
     interrupt_session,
     list_sessions,
+    set_turn_state,
 )
 from avatar_stream.transports.http.speech import end_utterance, push_audio, say, websocket
 from avatar_stream.transports.http.state import STATE, ServerState
@@ -135,6 +136,7 @@ def create_app(state: ServerState) -> web.Application:
             web.get("/v1/sessions/{id}", get_session),
             web.delete("/v1/sessions/{id}", delete_session),
             web.post("/v1/sessions/{id}/interrupt", interrupt_session),
+            web.post("/v1/sessions/{id}/state", set_turn_state),
             web.post("/v1/sessions/{id}/audio", push_audio),
             web.post("/v1/sessions/{id}/end", end_utterance),
             web.post("/v1/sessions/{id}/say", say),

@@ -12,6 +12,8 @@ from aiohttp import web
 from avatar_stream.avatars.store import DEFAULT_ID
 from avatar_stream.config import IceServer
 from avatar_stream.core.session import Session
+from avatar_stream.core.speechinput import check_microphone
+from avatar_stream.core.turnstate import check_state
 from avatar_stream.scale.routing import FORWARDED, owned_id
 from avatar_stream.transports.http.auth import (
     AuthError,
@@ -20,7 +22,7 @@ from avatar_stream.transports.http.auth import (
     passed_on,
     retry_after,
 )
-from avatar_stream.transports.http.body import read_text
+from avatar_stream.transports.http.body import read_json_object, read_text
 from avatar_stream.transports.http.errors import HTTPJSONError, auth_error
 from avatar_stream.transports.http.state import STATE, ServerState
 from avatar_stream.transports.webrtc.peer import OfferError, WebRTCPeer
@@ -64,12 +66,14 @@ def session_for(request: web.Request, allow_query_token: bool = False, touch: bo
 # -- sessions --------------------------------------------------------------------------
 
 
-async def _read_offer(request: web.Request) -> tuple[str, str | None, bool]:
-    """Returns (sdp, avatar id, whether the client speaks WHEP-style application/sdp)."""
+async def _read_offer(request: web.Request) -> tuple[str, str | None, bool, str]:
+    """Returns (sdp, avatar id, whether the client speaks WHEP-style application/sdp,
+    what its microphone is: ``core/speechinput.py``'s MICROPHONE_MODES)."""
     ctype = request.content_type
     body = await read_text(request, MAX_OFFER_BYTES, "the offer")
     if ctype == "application/sdp":
-        return body, request.query.get("avatar"), True
+        return body, request.query.get("avatar"), True, \
+            microphone_mode(request.query.get("microphone", "speak"))
     if ctype != "application/json":
         raise HTTPJSONError(415, "send the offer as application/json or application/sdp")
     try:
@@ -83,7 +87,14 @@ async def _read_offer(request: web.Request) -> tuple[str, str | None, bool]:
     avatar = data.get("avatar")
     if avatar is not None and not isinstance(avatar, str):
         raise HTTPJSONError(400, "avatar must be an avatar id (a string)")
-    return data["sdp"], avatar, False
+    return data["sdp"], avatar, False, microphone_mode(data.get("microphone", "speak"))
+
+
+def microphone_mode(value: object) -> str:
+    try:
+        return check_microphone(value)
+    except ValueError as exc:
+        raise HTTPJSONError(400, str(exc)) from None
 
 
 async def admit(request: web.Request) -> web.StreamResponse | None:
@@ -113,8 +124,8 @@ def _full(state: ServerState) -> HTTPJSONError:
                          **{"Retry-After": "5"})
 
 
-async def open_session(request: web.Request, sdp: str, avatar_id: str | None
-                       ) -> tuple[Session, str, list[IceServer]]:
+async def open_session(request: web.Request, sdp: str, avatar_id: str | None,
+                       microphone: str = "speak") -> tuple[Session, str, list[IceServer]]:
     """A new session answering ``sdp``: (session, SDP answer, the ICE servers it was given,
     with fresh TURN credentials). Raises HTTPJSONError 400 / 404 / 503."""
     state = request.app[STATE]
@@ -135,6 +146,7 @@ async def open_session(request: web.Request, sdp: str, avatar_id: str | None
         metrics=state.metrics,
     )
     session.id = owned_id(state.config, session.id)  # names this replica (routing.py)
+    session.input.microphone = microphone
     state.sessions[session.id] = session
     try:
         answer = await WebRTCPeer(session).accept(sdp)
@@ -148,8 +160,8 @@ async def create_session(request: web.Request) -> web.StreamResponse:
     if answered is not None:
         return answered
     state = request.app[STATE]
-    sdp, avatar_id, whep = await _read_offer(request)
-    session, answer, ice_servers = await open_session(request, sdp, avatar_id)
+    sdp, avatar_id, whep, microphone = await _read_offer(request)
+    session, answer, ice_servers = await open_session(request, sdp, avatar_id, microphone)
     location = f"/v1/sessions/{session.id}"
     token, expires = state.guard.tokens.issue(session.id, state.token_ttl_s)
     if whep:
@@ -204,3 +216,17 @@ async def delete_session(request: web.Request) -> web.Response:
 async def interrupt_session(request: web.Request) -> web.Response:
     cut = session_for(request).interrupt()
     return web.json_response({"interrupted": cut})
+
+
+async def set_turn_state(request: web.Request) -> web.Response:
+    """``POST /v1/sessions/{id}/state {"state": "listening"}``: the turn state
+    (``core/turnstate.py``) -> what the face shows now and the state set."""
+    session = session_for(request)
+    data = await read_json_object(request)
+    try:
+        session.set_state(check_state(data.get("state")))
+    except ValueError as exc:
+        raise HTTPJSONError(400, str(exc), "bad_state") from None
+    return web.json_response(
+        {"turn_state": session.turn.shown, "turn_state_set": session.turn.requested}
+    )

@@ -191,6 +191,7 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     protocol = SpeechProtocol(
         session.input, session.interrupt, reply,
         max_binary_bytes=state.config.max_ws_message_bytes, on_activity=session.touch,
+        set_state=session.set_state,
     )
     session.listeners.append(send)  # before the handshake: no event can slip past
     session.close_hooks.append(on_session_closed)

@@ -1,7 +1,8 @@
 """WHEP (draft-ietf-wish-whep, the egress counterpart of RFC 9725's WHIP): any WHEP player
 plays the avatar.
 
-- ``POST /v1/whep`` (``application/sdp``; ``?avatar=ID``) -> 201 with the SDP answer;
+- ``POST /v1/whep`` (``application/sdp``; ``?avatar=ID``, ``?microphone=``) -> 201 with
+  the SDP answer;
   ``Location``: the session's WHEP resource; ``ETag``: its ICE session; ``Link``: each ICE
   server (``rel="ice-server"``, with the TURN credentials minted for this session), the
   session's event WebSocket and its JSON resource; ``X-Session-Token``: the session's token.
@@ -29,6 +30,7 @@ from avatar_stream.transports.http.errors import HTTPJSONError
 from avatar_stream.transports.http.sessions import (
     MAX_OFFER_BYTES,
     admit,
+    microphone_mode,
     open_session,
     session_for,
 )
@@ -70,7 +72,9 @@ async def whep_offer(request: web.Request) -> web.StreamResponse:
     if request.content_type != SDP:
         raise HTTPJSONError(415, f"send the offer as {SDP}", **{"Accept-Post": SDP})
     sdp = await read_text(request, MAX_OFFER_BYTES, "the offer")
-    session, answer, ice_servers = await open_session(request, sdp, request.query.get("avatar"))
+    session, answer, ice_servers = await open_session(
+        request, sdp, request.query.get("avatar"),
+        microphone_mode(request.query.get("microphone", "speak")))
     assert isinstance(session.transport, WebRTCPeer)
     state = request.app[STATE]
     token, _ = state.guard.tokens.issue(session.id, state.token_ttl_s)

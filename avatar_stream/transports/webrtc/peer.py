@@ -176,6 +176,7 @@ class WebRTCPeer:
             protocol = SpeechProtocol(
                 session.input, session.interrupt, self._reply_on(channel),
                 max_binary_bytes=session.config.max_ws_message_bytes, on_activity=session.touch,
+                set_state=session.set_state,
             )
             channel.on("message", protocol.handle)
             self._maybe_ready()

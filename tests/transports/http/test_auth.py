@@ -82,10 +82,16 @@ async def test_api_key_and_session_tokens(server) -> None:
             async with http.post(f"{url}/v1/sessions/{a.session_id}/interrupt",
                                  headers=headers) as r:
                 assert r.status == status
+            async with http.post(f"{url}/v1/sessions/{a.session_id}/state",
+                                 json={"state": "thinking"}, headers=headers) as r:
+                assert r.status == status
         # the session's own token, or the key, work for that session's calls
         for headers in (bearer(a.token), bearer(KEY)):
             async with http.post(audio, data=WAV, headers={**headers, **ctype}) as r:
                 assert r.status == 202
+            async with http.post(f"{url}/v1/sessions/{a.session_id}/state",
+                                 json={"state": "listening"}, headers=headers) as r:
+                assert r.status == 200
         async with http.get(f"{url}/v1/sessions", headers=bearer(a.token)) as r:
             assert r.status == 401  # a token is for one session, not the server
         async with http.get(f"{url}/v1/sessions", headers=bearer(KEY)) as r:
@@ -100,7 +106,7 @@ async def test_api_key_and_session_tokens(server) -> None:
         async with http.ws_connect(ws_url, params={"token": a.token}) as ws:
             await ws.send_json({"type": "ping"})
             while (reply := await ws.receive_json(timeout=5))["type"] != "pong":
-                assert reply["type"].startswith("speech."), reply  # events of the pushes above
+                assert reply["type"].startswith(("speech.", "state.")), reply  # of the above
         async with SessionControl(url, a.session_id, a.token) as control:
             await control.push_speech(tone(24000, 0.5), 24000, utterance_id="via-token")
             await asyncio.wait_for(control.wait_event("speech.finished"), 5)

@@ -1,0 +1,131 @@
+"""The framework examples, run as a user would. examples/pipecat_avatar.py and
+examples/livekit_avatar.py each drive a session that a real aiortc client (standing in for
+the browser) holds, through its framework, and their lines come back as the avatar's speech,
+in order, in full; examples/pipecat_relay.py carries the avatar to its visitor over its own
+WebRTC transport."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+import sys
+from pathlib import Path
+
+import aiohttp
+import numpy as np
+import pytest
+from aiohttp import web
+from loopback_server import loopback_server  # noqa: F401  (the fixture `server`)
+from speechtools import AUDIO_AFTER_EVENT_S, envelope_match, events, until
+from standin_tts import StandInTTS
+from webrtc_visitor import Visitor
+
+from avatar_stream.audio.tts import EspeakTTS
+from avatar_stream.client.avatarclient import AvatarClient
+
+ROOT = Path(__file__).resolve().parents[2]
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(120)]
+LINES = ["Hello from the example.", "And a second line."]
+
+
+@pytest.mark.parametrize("example, tts", [
+    ("pipecat_avatar.py", "espeak"), ("pipecat_avatar.py", "endpoint"),
+    ("livekit_avatar.py", "espeak"), ("livekit_avatar.py", "endpoint"),
+])
+async def test_framework_example_drives_a_watched_session(server, example, tts) -> None:
+    url, state = server
+    stand_in = StandInTTS()  # an OpenAI-compatible TTS endpoint on 127.0.0.1 (standin_tts.py)
+    app = web.Application()
+    app.router.add_post("/v1/audio/speech", stand_in.speech)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    await web.TCPSite(runner, "127.0.0.1", 0).start()
+    tts_args = ["--tts-url", f"http://127.0.0.1:{runner.addresses[0][1]}/v1/audio/speech"] \
+        if tts == "endpoint" else []
+    try:
+        async with AvatarClient(url, record_mouth=False) as browser:
+            proc = await asyncio.create_subprocess_exec(
+                sys.executable, str(ROOT / "examples" / example), "--server", url,
+                "--session", browser.session_id, "--token", browser.token, *tts_args, *LINES,
+                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
+            )
+            out, _ = await asyncio.wait_for(proc.communicate(), 90)
+            rec = browser.received
+            assert await until(lambda: len(events(rec, "speech.finished")) >= 2, 5)
+            assert browser.session_id in state.sessions  # the bot leaves the session open
+    finally:
+        await runner.cleanup()
+    text = out.decode()
+    print(text[-3000:])
+    assert proc.returncode == 0, text[-3000:]
+    if tts == "endpoint":
+        assert [body["input"] for body, _ in stand_in.requests] == LINES
+    finished = [e for _, e in events(rec, "speech.finished")]
+    assert len(finished) == 2 and len({e["utterance_id"] for e in finished}) == 2
+    assert all(not e["interrupted"] and e["position_s"] > 0.8 for e in finished), finished
+    if example == "pipecat_avatar.py":
+        assert text.count("[bot] speaking") >= 1 and "[bot] stopped speaking" in text
+    else:
+        assert text.count("[agent] played at") == 2
+
+
+async def test_relay_example_carries_the_avatar_to_a_webrtc_visitor(server) -> None:
+    """examples/pipecat_relay.py: a visitor (an aiortc peer standing in for the page's
+    browser) connects to the bot, not to avatar-stream, and gets the avatar from the bot:
+    the greeting and a line it asked for, spoken with lips at 25 fps. When the visitor
+    leaves, the bot's avatar session ends."""
+    greeting, line = "Hello, this is the bot speaking.", "Here is a line you asked for."
+    said = {}
+    for text in (greeting, line):  # what the bot's espeak-ng voice makes of them
+        pieces = [p async for p in EspeakTTS().stream(text)]
+        said[text] = (np.concatenate([p.samples for p in pieces]), pieces[0].rate)
+    url, state = server
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "examples" / "pipecat_relay.py"), "--server", url,
+        "--port", "0", "--ice-host-addresses", "127.0.0.1", "--greeting", greeting,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        banner = ""
+        while not banner.startswith("open http"):  # past Pipecat's own import banner
+            banner = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            assert banner, "the bot exited before serving its page"
+        bot_url = banner.split()[-1].rstrip("/")
+        async with aiohttp.ClientSession() as http, http.get(bot_url + "/") as page:
+            assert page.status == 200 and "RTCPeerConnection" in await page.text()
+        visitor = Visitor()
+        await visitor.connect(bot_url + "/api/offer")
+        # the bot's avatar session: the only one on the server
+        assert await until(lambda: len(state.sessions) == 1, 10)
+        finished: list[dict] = []
+        (session,) = state.sessions.values()
+        session.listeners.append(
+            lambda e: finished.append(e) if e["type"] == "speech.finished" else None)
+        assert await until(lambda: visitor.channel.readyState == "open", 10)
+        assert await until(lambda: len(finished) >= 1, 30)  # the greeting
+        visitor.channel.send(json.dumps({"type": "say", "text": line}))
+        assert await until(lambda: len(finished) >= 2, 30)
+        await asyncio.sleep(AUDIO_AFTER_EVENT_S)  # the last frame's voice, after its event
+        await visitor.close()
+        assert await until(lambda: not state.sessions, 15)  # the visitor left: it ends
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    text = banner + out.decode()
+    print(text[-2000:])
+    assert proc.returncode == 0, text[-2000:]
+    assert "visitor connected" in text and "visitor left" in text
+    assert [e["interrupted"] for e in finished] == [False, False]
+    fps = visitor.fps(visitor.video_t[-1] - 3.0, visitor.video_t[-1])  # saying the line
+    heard = visitor.heard()
+    print(f"relay example: {fps:.1f} fps at the visitor")
+    assert fps >= 22
+    offsets = []
+    for text_said in (greeting, line):
+        samples, rate = said[text_said]
+        offset, r = envelope_match(samples, rate, heard)
+        print(f"relay example: {text_said[:20]!r} heard at {offset:.2f} s, r={r:.3f}")
+        assert r >= 0.8
+        offsets.append(offset)
+    assert offsets[0] < offsets[1]
+

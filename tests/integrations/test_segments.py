@@ -1,0 +1,141 @@
+"""SegmentSender against a real server on loopback: every segment is reported finished
+exactly once, whatever becomes of it (played, empty, cut before the server heard of it, the
+session gone), and only the adapter's own utterances count."""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import AsyncIterator
+
+import numpy as np
+import pytest
+from loopback_server import loopback_server  # noqa: F401  (the fixture `server`)
+from speechtools import at_rate, until
+
+from avatar_stream.client.avatarclient import AvatarClient
+from avatar_stream.client.sessioncontrol import SessionControl, to_pcm16
+from avatar_stream.integrations.segments import Segment, SegmentSender
+
+pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
+
+
+class Reports:
+    """What the sender reported, in order: ("started" | "finished", id, position, cut)."""
+
+    def __init__(self) -> None:
+        self.rows: list[tuple[str, str, float, bool]] = []
+
+    def started(self, segment: Segment) -> None:
+        self.rows.append(("started", segment.id, 0.0, False))
+
+    def finished(self, segment: Segment, position_s: float, interrupted: bool) -> None:
+        self.rows.append(("finished", segment.id, position_s, interrupted))
+
+    def of(self, kind: str) -> list[tuple[str, float, bool]]:
+        return [(uid, pos, cut) for k, uid, pos, cut in self.rows if k == kind]
+
+
+@contextlib.asynccontextmanager
+async def driving(url: str, **options: float) -> AsyncIterator[
+        tuple[AvatarClient, SegmentSender, Reports]]:
+    """A session a browser (an aiortc client) holds, and a SegmentSender driving it over
+    the session's WebSocket, its reports noted. The sender closes before the browser."""
+    async with AvatarClient(url, record_mouth=False) as browser:
+        control = SessionControl(url, browser.session_id, browser.token)
+        await control.connect()
+        reports = Reports()
+        sender = SegmentSender(control, on_started=reports.started,
+                               on_finished=reports.finished, **options)
+        await sender.start()
+        try:
+            yield browser, sender, reports
+        finally:
+            await sender.close()
+            await control.close()
+
+
+def pcm(speech48k: np.ndarray, seconds: float, rate: int = 24_000) -> bytes:
+    return to_pcm16(at_rate(speech48k, rate)[: int(seconds * rate)])[0]
+
+
+async def test_every_segment_finishes_exactly_once(server, speech48k) -> None:
+    url, state = server
+    async with driving(url, finish_timeout_s=0.5) as (browser, sender, reports):
+
+        # played in full, in 100 ms pieces as a TTS streams them: started, then finished
+        played = sender.open("ctx-1")
+        for i in range(10):
+            await sender.audio(played, pcm(speech48k, 1.0)[i * 4800 : (i + 1) * 4800], 24_000)
+        await sender.end(played)
+        # the same TTS context again: a fresh utterance id, the session would refuse the old
+        again = sender.open("ctx-1")
+        assert again.id != "ctx-1"
+        await sender.audio(again, pcm(speech48k, 0.5), 24_000)
+        await sender.end(again)
+        # ended with no audio: finished at once, nothing sent
+        empty = sender.open()
+        await sender.end(empty)
+        assert reports.of("finished")[-1] == (empty.id, 0.0, False)
+        assert await sender.drain(15)
+
+        # another driver's utterance on the same session is none of ours
+        await browser.push_speech(at_rate(speech48k, 24_000)[:12_000], 24_000, "someone-else")
+        # cut before the server heard of it: the sender never sends it, the timeout ends it
+        queued = sender.open()
+        await sender.audio(queued, pcm(speech48k, 1.0), 24_000)
+        assert sender.interrupt() == [queued]
+        assert sender.interrupt() == []  # nothing unfinished: no second barge-in is sent
+        assert await sender.drain(5)
+        assert reports.of("finished")[-1] == (queued.id, 0.0, True)
+
+        # the session goes away mid-segment: it finishes, interrupted
+        gone = sender.open()
+        await sender.audio(gone, pcm(speech48k, 3.0), 24_000)
+        assert await until(lambda: any(r[1] == gone.id for r in reports.rows), 10)
+        await browser.delete()
+        assert await sender.drain(5)
+
+    finished = reports.of("finished")
+    ids = [uid for uid, _, _ in finished]
+    assert sorted(ids) == sorted({played.id, again.id, empty.id, queued.id, gone.id})
+    assert len(ids) == len(set(ids))  # exactly once each
+    assert [uid for uid, _, _ in reports.of("started")] == [played.id, again.id, gone.id]
+    positions = {uid: (pos, cut) for uid, pos, cut in finished}
+    assert positions[played.id][0] == pytest.approx(1.0, abs=0.03)
+    assert positions[again.id][0] == pytest.approx(0.5, abs=0.03)
+    assert positions[gone.id][1] and 0 < positions[gone.id][0] < 3.0
+    assert "someone-else" not in ids
+    # started comes before finished for each
+    order = [(k, uid) for k, uid, _, _ in reports.rows]
+    for uid in (played.id, again.id, gone.id):
+        assert order.index(("started", uid)) < order.index(("finished", uid))
+
+
+async def test_a_barge_in_goes_ahead_of_speech_queued_after_it(server, speech48k) -> None:
+    """clear_buffer, then at once the next reply: the server sees the interrupt first, so
+    the next reply is not cut by it."""
+    url, state = server
+    async with driving(url) as (browser, sender, reports):
+        first = sender.open()
+        await sender.audio(first, pcm(speech48k, 3.0), 24_000)
+        assert await until(lambda: browser.received.events and any(
+            e.get("type") == "speech.started" for _, e in browser.received.events), 10)
+        sender.interrupt()
+        second = sender.open()
+        await sender.audio(second, pcm(speech48k, 0.6), 24_000)
+        await sender.end(second)
+        assert await sender.drain(15)
+    results = {uid: (pos, cut) for uid, pos, cut in reports.of("finished")}
+    assert results[first.id][1] and results[first.id][0] < 3.0
+    assert results[second.id] == (pytest.approx(0.6, abs=0.03), False)
+
+
+async def test_close_finishes_what_is_pending(server, speech48k) -> None:
+    url, state = server
+    async with driving(url) as (browser, sender, reports):
+        segment = sender.open()
+        await sender.audio(segment, pcm(speech48k, 2.0), 24_000)
+        assert await until(lambda: segment.started_at is not None, 10)  # it plays, then
+    # the adapter was torn down while it played
+    (uid, position, cut), = reports.of("finished")
+    assert uid == segment.id and cut and position <= 2.0
