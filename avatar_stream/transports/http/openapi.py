@@ -18,7 +18,8 @@ from typing import Any
 from aiohttp import web
 
 from avatar_stream.config import ServerConfig
-from avatar_stream.core.speechinput import MAX_UTTERANCE_ID
+from avatar_stream.core.speechinput import MAX_UTTERANCE_ID, MICROPHONE_MODES
+from avatar_stream.core.turnstate import STATES as TURN_STATES
 from avatar_stream.transports.http.health import files
 from avatar_stream.transports.http.state import STATE
 
@@ -147,6 +148,12 @@ EXAMPLE_FRAGMENT = (
 )
 
 
+UTTERANCE_ID = {"type": "string", "minLength": 1, "maxLength": MAX_UTTERANCE_ID}
+MICROPHONE = {"enum": list(MICROPHONE_MODES), "default": "speak",
+              "description": "The offer's audio track: `speak`, speech the avatar says; "
+                             "`listen`, the user's voice, which the avatar listens to."}
+
+
 # -- schemas ---------------------------------------------------------------------------------
 
 SCHEMAS: Json = {
@@ -175,6 +182,7 @@ SCHEMAS: Json = {
                     "(or none: the client's own checks then find it)."},
             "avatar": {"type": ["string", "null"],
                        "description": "Avatar id (default: `default`)."},
+            "microphone": MICROPHONE,
         },
     },
     "SessionCreated": {
@@ -198,6 +206,11 @@ SCHEMAS: Json = {
         "properties": {
             "session_id": {"type": "string"},
             "state": {"type": "string", "description": "The peer connection's state."},
+            "turn_state": {"type": "string", "description": "What the face shows now: "
+                           "speaking, listening, thinking or idle."},
+            "turn_state_set": {"type": "string", "description": "The state a client set."},
+            "microphone": {"enum": list(MICROPHONE_MODES)},
+            "engine_shows_states": {"type": "array", "items": {"type": "string"}},
             "speech_queued_s": {"type": "number"},
             "age_s": {"type": "number"},
         },
@@ -265,7 +278,6 @@ SCHEMAS: Json = {
     },
 }
 
-UTTERANCE_ID = {"type": "string", "minLength": 1, "maxLength": MAX_UTTERANCE_ID}
 
 # -- the document ----------------------------------------------------------------------------
 
@@ -345,7 +357,8 @@ def spec(config: ServerConfig) -> Json:
                  **_errors(400, *server_errors, 404, 413, 415, 429, 503)},
                 tag="sessions", operation_id="createSession", security=server_auth,
                 parameters=[{"name": "avatar", "in": "query", "schema": {"type": "string"},
-                             "description": "Avatar id, for an `application/sdp` offer."}],
+                             "description": "Avatar id, for an `application/sdp` offer."},
+                            {"name": "microphone", "in": "query", "schema": MICROPHONE}],
                 requestBody={"required": True, "content": {
                     "application/json": {"schema": _ref("Offer")}, **sdp_body}}),
             "get": _op(
@@ -376,6 +389,21 @@ def spec(config: ServerConfig) -> Json:
                                     "description": "The utterances cut."}}}, "Interrupted"),
                  **_errors(*session_errors)},
                 tag="speech", operation_id="interrupt", security=session_auth)},
+        "/v1/sessions/{id}/state": {
+            "parameters": [SESSION_ID],
+            "post": _op(
+                "Set the turn state", "What the avatar does between its speech: `listening` "
+                "(to the user), `thinking` (ends when its speech starts) or `idle`. Speech "
+                "always shows as speaking.",
+                {"200": _json({"type": "object", "required": ["turn_state", "turn_state_set"],
+                               "properties": {"turn_state": {"type": "string"},
+                                              "turn_state_set": {"type": "string"}}},
+                              "What shows now, and the state set"),
+                 **_errors(400, *session_errors, 413, 415)},
+                tag="speech", operation_id="setTurnState", security=session_auth,
+                requestBody={"required": True, "content": {"application/json": {"schema": {
+                    "type": "object", "required": ["state"],
+                    "properties": {"state": {"enum": list(TURN_STATES)}}}}}})},
         "/v1/sessions/{id}/audio": {
             "parameters": [SESSION_ID],
             "post": _op(
@@ -465,7 +493,8 @@ def spec(config: ServerConfig) -> Json:
                  **_errors(400, *server_errors, 404, 413, 415, 429, 503)},
                 tag="whep", operation_id="whepOffer", security=server_auth,
                 parameters=[{"name": "avatar", "in": "query", "schema": {"type": "string"},
-                             "description": "Avatar id (default: `default`)."}],
+                             "description": "Avatar id (default: `default`)."},
+                            {"name": "microphone", "in": "query", "schema": MICROPHONE}],
                 requestBody={"required": True, "content": sdp_body}),
             "options": _op(
                 "WHEP endpoint options", "What it accepts; no credentials needed.",

@@ -71,9 +71,10 @@ async def _read_offer(request: web.Request) -> tuple[str, str | None, bool, str]
     what its microphone is: ``core/speechinput.py``'s MICROPHONE_MODES)."""
     ctype = request.content_type
     body = await read_text(request, MAX_OFFER_BYTES, "the offer")
+    # the query's microphone, checked whatever the body (a JSON offer's own field wins)
+    microphone = microphone_mode(request.query.get("microphone", "speak"))
     if ctype == "application/sdp":
-        return body, request.query.get("avatar"), True, \
-            microphone_mode(request.query.get("microphone", "speak"))
+        return body, request.query.get("avatar"), True, microphone
     if ctype != "application/json":
         raise HTTPJSONError(415, "send the offer as application/json or application/sdp")
     try:
@@ -87,7 +88,7 @@ async def _read_offer(request: web.Request) -> tuple[str, str | None, bool, str]
     avatar = data.get("avatar")
     if avatar is not None and not isinstance(avatar, str):
         raise HTTPJSONError(400, "avatar must be an avatar id (a string)")
-    return data["sdp"], avatar, False, microphone_mode(data.get("microphone", "speak"))
+    return data["sdp"], avatar, False, microphone_mode(data.get("microphone", microphone))
 
 
 def microphone_mode(value: object) -> str:
