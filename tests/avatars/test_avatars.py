@@ -126,6 +126,8 @@ def test_store_ids_duplicates_and_conflicts(portrait: np.ndarray) -> None:
         store.prepare(_jpeg(portrait[:, ::-1].copy()), "grace-hopper")
     anonymous, _ = store.prepare(_jpeg(portrait))
     assert anonymous.id.startswith("a-")
+    reserved, _ = store.prepare(_jpeg(portrait[:, :-8].copy()), "Rank")  # the API's own path
+    assert reserved.id == "rank-avatar"
     info = store.info("grace-hopper")
     assert info and info["quality"]["score"] > 50 and info["face_box"] and info["mouth_box"]
     assert store.remove("grace-hopper") and "grace-hopper" not in store.avatars
@@ -331,8 +333,8 @@ async def test_rank_uploaded_photos(server, portrait: np.ndarray, bad_photos,
         form.add_field("image", b"x", filename=f"{i}.jpg")
     async with http.post(f"{url}/v1/avatars/rank", data=form) as r:
         assert r.status == 413 and "more than 20" in (await r.json())["error"]
-    async with http.get(f"{url}/v1/avatars/rank") as r:  # not an avatar called "rank"
-        assert r.status == 404
+    async with http.get(f"{url}/v1/avatars/rank") as r:  # the ranking, never an avatar's id
+        assert r.status == 405 and r.headers["Allow"] == "POST"
     # two files of one name (IMG_0001.jpg from two folders) stay two rows, told by index
     form = aiohttp.FormData()
     form.add_field("image", photos["text.jpg"], filename="IMG_0001.jpg")

@@ -38,7 +38,7 @@ from avatar_stream.avatars.ranking import (
     score_file,
     unusable,
 )
-from avatar_stream.avatars.store import DEFAULT_ID, AvatarConflict, AvatarStore
+from avatar_stream.avatars.store import DEFAULT_ID, RESERVED_IDS, AvatarConflict, AvatarStore
 from avatar_stream.engines.base import Avatar, AvatarError, EngineError
 from avatar_stream.errors import SpeechError
 from avatar_stream.tools.render import FORMATS, load_speech, render_clip
@@ -113,13 +113,16 @@ def add_avatar_api(app: web.Application) -> None:
 
 
 def avatar_routes() -> list[web.RouteDef]:
+    # an id is never one of the API's own segments: /v1/avatars/rank is the ranking alone
+    # (a GET there is a 405, not "unknown avatar 'rank'")
+    one = "/v1/avatars/{id:(?!(?:" + "|".join(sorted(RESERVED_IDS)) + ")(?:/|$))[^{}/]+}"
     return [
         web.post("/v1/avatars", upload_avatar),
         web.post("/v1/avatars/rank", rank_avatar_photos),
         web.get("/v1/avatars", list_avatars),
-        web.get("/v1/avatars/{id}", get_avatar),
-        web.get("/v1/avatars/{id}/preview.png", avatar_preview),
-        web.delete("/v1/avatars/{id}", delete_avatar),
+        web.get(one, get_avatar),
+        web.get(one + "/preview.png", avatar_preview),
+        web.delete(one, delete_avatar),
         web.post("/v1/animate", animate),
     ]
 
