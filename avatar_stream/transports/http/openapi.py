@@ -558,12 +558,22 @@ def spec(config: ServerConfig) -> Json:
             "the reasons for a low part: the same scores as `avatar-stream avatars rank`. "
             "Nothing is stored; a file that is no usable photo is ranked last with its "
             "reason.",
-            {"200": _json({"type": "object", "required": ["ranking", "recommended"],
+            {"200": _json({"type": "object",
+                           "required": ["ranking", "recommended", "recommended_index"],
                            "properties": {
-                               "ranking": {"type": "array", "items": _ref("PhotoScore")},
+                               "ranking": {"type": "array", "items": {"allOf": [
+                                   _ref("PhotoScore"),
+                                   {"type": "object", "required": ["index"], "properties": {
+                                       "index": {"type": "integer", "description":
+                                                 "The file's place in the request (two "
+                                                 "files may share a name)."}}}]}},
                                "recommended": {"type": ["string", "null"],
                                                "description": "The best usable photo's "
-                                                              "name."}}}, "The ranking"),
+                                                              "name."},
+                               "recommended_index": {"type": ["integer", "null"],
+                                                     "description": "Its place in the "
+                                                                    "request."}}},
+                          "The ranking"),
              **_errors(400, *server_errors, 413, 415, 503)},
             tag="avatars", operation_id="rankPhotos", security=server_auth,
             requestBody={"required": True, "content": {"multipart/form-data": {"schema": {
