@@ -32,7 +32,7 @@ from pathlib import Path
 from playwright.sync_api import sync_playwright
 
 # shared with the benchmark's browser client (``bench --client chromium``)
-from avatar_stream.bench.browser import CHROMIUM, chromium_args
+from avatar_stream.bench.chromium import CHROMIUM, chromium_args
 from avatar_stream.bench.runner import wait_healthy
 
 # Read the counters the page keeps on window.avatarClient, with the page's own clock.

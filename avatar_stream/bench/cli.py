@@ -24,7 +24,7 @@ import av
 import numpy as np
 import soxr
 
-from avatar_stream.bench import browser, impaired, report, soak
+from avatar_stream.bench import chromium, impaired, report, soak
 from avatar_stream.bench.machine import (
     CpuMeter,
     CpuShare,
@@ -77,7 +77,7 @@ def add_parser(sub: argparse._SubParsersAction) -> None:
                         "what a browser holds on a clean link, aiortc's own receiver 4")
     p.add_argument("--ice-host-addresses", default="127.0.0.1",
                    help="ICE host addresses for the in-process server and the clients")
-    browser.add_arguments(p)
+    chromium.add_arguments(p)
     soak.add_arguments(p)
     impaired.add_arguments(p)
     p.add_argument("--json", type=Path, help="write every raw sample here")
@@ -337,13 +337,13 @@ def engine_only(args: argparse.Namespace) -> int:
     return 0
 
 
-def chromium(args: argparse.Namespace, t: float) -> int:
+def chromium_main(args: argparse.Namespace, t: float) -> int:
     if impaired.wanted(args) or args.url or args.sessions != 1 or args.find_capacity:
         raise SystemExit("bench --client chromium: one session against a server started "
                          "here, on loopback (no --url, --sessions, --find-capacity or "
                          "impairments)")
-    out = browser.chromium_bench(args, load_speech(args.audio), MIC_RATE)
-    print("\n".join(browser.lines(out["browser"])))
+    out = chromium.chromium_bench(args, load_speech(args.audio), MIC_RATE)
+    print("\n".join(chromium.lines(out["browser"])))
     if args.json:
         report.write_json(args.json, out)
         print(f"raw samples: {args.json}")
@@ -360,7 +360,7 @@ def main(args: argparse.Namespace) -> int:
     for name in ("avatar_stream", "aiohttp.access"):  # the report is the output
         logging.getLogger(name).setLevel(logging.WARNING)
     if args.client == "chromium":
-        return chromium(args, t)
+        return chromium_main(args, t)
     out = asyncio.run(bench(args))
     if "capacity" in out:
         cap = out["capacity"]

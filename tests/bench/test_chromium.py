@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 from avatar_stream.bench import analysis as A
-from avatar_stream.bench import browser, netns
+from avatar_stream.bench import chromium, netns
 
 
 def synthetic_page(speech: np.ndarray, echo_s: float, mouth_s: float) -> dict:
@@ -38,7 +38,7 @@ def synthetic_page(speech: np.ndarray, echo_s: float, mouth_s: float) -> dict:
 
 
 def test_browser_figures_recover_known_delays(speech48k) -> None:
-    fig = browser.browser_figures(synthetic_page(speech48k[: 48000 * 3], 0.25, 0.12))
+    fig = chromium.browser_figures(synthetic_page(speech48k[: 48000 * 3], 0.25, 0.12))
     print(fig)
     assert fig["speech_onsets"] >= 4
     assert abs(np.median(fig["echo_ms"]) - 250) <= 15
@@ -54,9 +54,9 @@ def test_browser_figures_recover_known_delays(speech48k) -> None:
                     reason=f"{netns.unavailable() or 'no chromium'}")
 def test_chromium_plays_the_session_and_is_measured(speech48k) -> None:
     args = argparse.Namespace(engine="warp", duration=16.0, netns_prefix="avb")
-    out = browser.chromium_bench(args, speech48k[: 48000 * 3], 48000)
+    out = chromium.chromium_bench(args, speech48k[: 48000 * 3], 48000)
     fig = out["browser"]
-    print("\n".join(browser.lines(fig)))
+    print("\n".join(chromium.lines(fig)))
     assert netns.leftovers("avb") == []
     assert fig["fps"] > 20 and fig["speech_onsets"] >= 2
     # the avatar's speech came back and its mouth moved after each onset, in bounds a

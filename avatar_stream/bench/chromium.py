@@ -206,7 +206,7 @@ def chromium_bench(args: argparse.Namespace, speech: np.ndarray, rate: int) -> d
             print(f"bench: one session in headless Chromium x {args.duration:.0f} s",
                   file=sys.stderr, flush=True)
             driver = subprocess.Popen(
-                ["ip", "netns", "exec", ns, sys.executable, "-m", "avatar_stream.bench.browser",
+                ["ip", "netns", "exec", ns, sys.executable, "-m", "avatar_stream.bench.chromium",
                  "--base", base, "--wav", str(wav), "--duration", str(args.duration),
                  "--out", str(raw_path)], stderr=subprocess.PIPE, text=True)
             server_cpu = TreeMeter(lambda: process_tree(server.pid))
