@@ -24,8 +24,8 @@ from typing import Any
 import numpy as np
 
 from avatar_stream.bench import netns, report
-from avatar_stream.bench.runner import SessionResult, wait_healthy
-from avatar_stream.scale.workers import cores
+from avatar_stream.bench.runner import SessionResult, run_sessions, wait_healthy
+from avatar_stream.scale.capacity import cores
 
 SERVER_PORT = 8080
 FREEZE_S = 0.2
@@ -80,8 +80,6 @@ def _ready(_: int) -> None:
 
 
 async def impaired_bench(args: argparse.Namespace, speech: np.ndarray) -> dict[str, Any]:
-    from avatar_stream.bench.cli import run_sessions
-
     out: dict[str, Any] = {"impairment": describe(args)}
     with netns.link(args.netns_prefix) as link, tempfile.TemporaryDirectory() as tmp:
         if args.loss:

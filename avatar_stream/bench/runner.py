@@ -7,22 +7,36 @@ arrival time; ``measure`` turns the recording into the figures the report shows.
 
 from __future__ import annotations
 
+import argparse
 import asyncio
 import contextlib
+import multiprocessing
+import os
 import socket
 import sys
 import time
 import urllib.request
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import dataclass, field
 from typing import Any
+from urllib.parse import urlsplit
 
 import aiohttp
 import numpy as np
 
 from avatar_stream.bench import analysis as A
+from avatar_stream.bench.machine import (
+    CpuMeter,
+    CpuShare,
+    listening_pid,
+    profiled,
+    split_meters,
+)
 from avatar_stream.client.avatarclient import AUDIO_PREFETCH, MIC_RATE, AvatarClient
 from avatar_stream.config import ServerConfig
+from avatar_stream.scale.capacity import cores
+from avatar_stream.transports.webrtc.ice import parse_addresses
 
 PAUSE_S = 1.2  # between clips
 IDLE_S = 1.0  # before the first clip
@@ -372,6 +386,97 @@ async def _server_process(engine: str, host_addresses: list[str], workers: str =
             except asyncio.TimeoutError:
                 proc.kill()
                 await proc.wait()
+
+
+async def run_sessions(url: str, speech: np.ndarray, n: int, args: argparse.Namespace,
+                       measured: int = 1,
+                       clients: tuple[ProcessPoolExecutor, int] | None = None,
+                       server_apart: bool = True, server_pid: int | None = None,
+                       ) -> tuple[list[SessionResult], CpuShare | None]:
+    """``n`` sessions at once; their results, and how busy the machine was meanwhile.
+
+    The first ``measured`` sessions are measured fully (video decoded: mouth latency, A/V
+    offset, lip sync); the others are load sessions, which decode nothing while they run
+    (video frames counted off their RTP marker bits, audio kept as Opus packets and
+    decoded afterwards for the echo latency), so that the clients cost the machine little
+    and the figures are the server's. With ``clients`` (a pool and its size), the sessions
+    are spread over its processes, as many users' clients never share one interpreter;
+    otherwise they all run here. ``server_apart``: the server runs in processes of its own
+    (``server_pid``, or whichever listens on the URL's port), whose CPU time is reported
+    beside the clients'."""
+    server = client = None
+    pid = None
+    if server_apart:
+        pid = server_pid or listening_pid(urlsplit(url).port or 80)
+        if pid is not None:
+            server, client = split_meters(pid, lambda: clients[0]._processes if clients else [])
+    for meter in (server, client):
+        if meter:
+            meter.start()
+    profile = getattr(args, "profile", None)
+    if profile is not None and n > 1 and getattr(args, "find_capacity", False):
+        profile = profile.with_name(f"{profile.stem}-{n}{profile.suffix}")
+    with CpuMeter() as cpu, profiled(pid, profile):
+        if clients is None:
+            results = await _sessions(url, speech, range(n), n, args, measured)
+        else:
+            pool, size = clients
+            k = min(n, size)
+            loop = asyncio.get_running_loop()
+            parts = await asyncio.gather(*(
+                loop.run_in_executor(pool, _sessions_in_process, url, speech,
+                                     range(i, n, k), n, args, measured)
+                for i in range(k)
+            ))
+            results = [r for part in parts for r in part]
+    if cpu.share is not None:
+        cpu.share.sessions = n
+        if server is not None and client is not None:
+            cpu.share.server_cores, cpu.share.client_cores = server.stop(), client.stop()
+    return results, cpu.share
+
+
+async def _sessions(url: str, speech: np.ndarray, which: range, n: int,
+                    args: argparse.Namespace, measured: int) -> list[SessionResult]:
+    show = progress_printer()
+    return list(await asyncio.gather(*(
+        run_session(url, speech, args.duration, mode=args.mode,
+                    interrupt_every=args.interrupt_every, load=i >= measured,
+                    hosts=parse_addresses(args.ice_host_addresses),
+                    audio_buffer=args.audio_buffer,
+                    # a soak's hours of face crops would not fit in memory
+                    record_face=i == 0 and not getattr(args, "soak", 0),
+                    idle_every=4 if getattr(args, "soak", 0) else 0,
+                    progress=show if i == 0 else None,
+                    label=f"[{n} session{'s' if n > 1 else ''}] ")
+        for i in which
+    )))
+
+
+def _sessions_in_process(url: str, speech: np.ndarray, which: range, n: int,
+                         args: argparse.Namespace, measured: int) -> list[SessionResult]:
+    """A client process's share of the sessions."""
+    return asyncio.run(_sessions(url, speech, which, n, args, measured))
+
+
+@contextlib.contextmanager
+def client_processes(enabled: bool) -> Iterator[tuple[ProcessPoolExecutor, int] | None]:
+    """A process per core for many sessions' clients. Many sessions in one process share
+    its interpreter lock, and the figures would be the bench's: 4 sessions' p95 echo
+    latency measured 412 ms from one client process, 286 ms from two. The server gets
+    processes of its own for the same reason (``server_or_url``)."""
+    if not enabled:
+        yield None
+        return
+    n = cores()
+    with ProcessPoolExecutor(n, mp_context=multiprocessing.get_context("spawn")) as pool:
+        # start them (and their imports) now, not inside the first measurement
+        list(pool.map(_client_process_ready, range(n)))
+        yield pool, n
+
+
+def _client_process_ready(_: int) -> int:
+    return os.getpid()
 
 
 def wait_healthy(url: str, timeout: float) -> None:

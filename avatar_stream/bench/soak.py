@@ -27,7 +27,7 @@ import numpy as np
 from prometheus_client.parser import text_string_to_metric_families
 
 from avatar_stream.bench.machine import listening_pid, process_stats, process_tree
-from avatar_stream.bench.runner import SessionResult
+from avatar_stream.bench.runner import SessionResult, run_sessions
 
 SAMPLE_EVERY_S = 5.0
 WINDOW_S = 60.0  # "first minute" and "last minute"
@@ -67,8 +67,6 @@ async def sample(url: str, pid: int, t0: float, into: list[dict[str, float]]) ->
 
 async def soak(args: argparse.Namespace, url: str, speech: np.ndarray,
                clients: Any) -> dict[str, Any]:
-    from avatar_stream.bench.cli import run_sessions
-
     pid = listening_pid(urlsplit(url).port or 80)
     if pid is None:
         raise SystemExit(f"bench --soak: no process of this machine listens at {url}")

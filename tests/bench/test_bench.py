@@ -14,9 +14,8 @@ import pytest
 from echo_peer import echo_peer
 
 from avatar_stream.bench import analysis as A
-from avatar_stream.bench.cli import client_processes, run_sessions
 from avatar_stream.bench.machine import CpuMeter
-from avatar_stream.bench.runner import run_session, server_or_url
+from avatar_stream.bench.runner import client_processes, run_session, run_sessions, server_or_url
 from avatar_stream.client.avatarclient import AUDIO_PREFETCH
 
 
