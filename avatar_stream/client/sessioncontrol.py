@@ -102,6 +102,7 @@ class EventHub:
 
     def __init__(self) -> None:
         self._subscribers: list[asyncio.Queue[Message | None]] = []
+        self.finished = False  # the session or the connection ended: no more events
 
     def publish(self, event: Message) -> None:
         for q in list(self._subscribers):
@@ -109,19 +110,29 @@ class EventHub:
                 q.put_nowait(dict(event))
 
     def finish(self) -> None:
+        self.finished = True
         for q in list(self._subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(None)
 
-    async def events(self, maxsize: int = 1000) -> AsyncIterator[Message]:
-        """Events from now on, until the session or connection ends."""
+    def events(self, maxsize: int = 1000) -> AsyncIterator[Message]:
+        """Events from now on, until the session or connection ends (at once if it has).
+        Subscribed when called, not when first iterated: nothing published in between is
+        missed. Iterate it to its end or ``aclose()`` it."""
         q: asyncio.Queue[Message | None] = asyncio.Queue(maxsize)
-        self._subscribers.append(q)
+        if self.finished:
+            q.put_nowait(None)
+        else:
+            self._subscribers.append(q)
+        return self._drain(q)
+
+    async def _drain(self, q: asyncio.Queue[Message | None]) -> AsyncIterator[Message]:
         try:
             while (event := await q.get()) is not None:
                 yield event
         finally:
-            self._subscribers.remove(q)
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(q)
 
 
 # -- the speech protocol on a message channel -----------------------------------------------
