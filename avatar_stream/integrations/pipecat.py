@@ -103,7 +103,7 @@ class _AvatarSpeechProcessor(AIService):
         link = await self._connect()
         self._link = link
         self._sender = SegmentSender(link, on_started=self._on_started,
-                                     on_finished=self._on_finished)
+                                     on_finished=self._on_finished, on_gone=self._on_gone)
         await self._sender.start()
         if self._use_turn_states:
             self._turns = TurnStates(link)
@@ -228,6 +228,12 @@ class _AvatarSpeechProcessor(AIService):
             await self._stop_ticker()
             if self._running:
                 await self.broadcast_frame(BotStoppedSpeakingFrame)
+
+    async def _on_gone(self, reason: str) -> None:
+        """The avatar session ended under the pipeline: the bot goes on, unseen; tell the
+        application (a non-fatal error: what to do about it is its call)."""
+        if self._running:
+            await self.push_error(f"avatar-stream: {reason}; the avatar no longer speaks")
 
     async def _tick(self) -> None:
         while True:

@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 
-from avatar_stream.integrations.segments import Link
+from avatar_stream.integrations.segments import Link, call
 
 log = logging.getLogger(__name__)
 
@@ -111,9 +110,7 @@ class TurnStates:
             if state == self.sent:
                 continue
             try:
-                result = self.link.set_state(state)
-                if inspect.isawaitable(result):
-                    await result
+                await call(self.link.set_state, state)
                 self.sent = state
             except asyncio.CancelledError:
                 raise

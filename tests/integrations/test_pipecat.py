@@ -18,6 +18,7 @@ from pipecat.frames.frames import (
     BotSpeakingFrame,
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
+    ErrorFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
     OutputImageRawFrame,
@@ -262,6 +263,34 @@ async def test_driver_speaks_through_the_browsers_session_and_sets_turn_states(s
     print(f"driver: states shown {states}")
     assert states[:3] == ["listening", "thinking", "speaking"] and states[-1] == "idle"
     assert "thinking" not in states[3:]  # the answer came: not thinking again after it
+
+
+async def test_driver_goes_on_when_the_session_ends_under_it(server) -> None:
+    """The browser's session deleted while the bot speaks: the pipeline hears of it (a
+    non-fatal ErrorFrame upstream), the next reply finishes at once, and the EndFrame
+    ends the pipeline without waiting for an avatar that is gone."""
+    url, state = server
+    async with AvatarClient(url, record_mouth=False) as browser:
+        driver = AvatarStreamSessionDriver(url=url, session_id=browser.session_id,
+                                           token=browser.token)
+        (tts, _), out = espeak_tts(), Recorder()
+
+        async def delete_once_speaking() -> None:
+            await asyncio.wait_for(browser.wait_event("speech.started"), 30)
+            await browser.delete()
+
+        deleting = asyncio.create_task(delete_once_speaking())
+        try:
+            _, up = await asyncio.wait_for(run_test(
+                Pipeline([tts, driver, out]),
+                frames_to_send=[TTSSpeakFrame(LONG), SleepFrame(3.0), TTSSpeakFrame(SECOND)],
+                start_timeout=30,
+            ), 40)  # the driver's drain timeout is 60 s: a stalled EndFrame would show
+        finally:
+            await deleting
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "ended" in errors[0].error and not errors[0].fatal
+    assert out.of(BotStartedSpeakingFrame) and out.of(BotStoppedSpeakingFrame)
 
 
 @pytest.fixture

@@ -4,8 +4,10 @@ session gone), and only the adapter's own utterances count."""
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 from collections.abc import AsyncIterator
+from typing import Any
 
 import numpy as np
 import pytest
@@ -36,7 +38,7 @@ class Reports:
 
 
 @contextlib.asynccontextmanager
-async def driving(url: str, **options: float) -> AsyncIterator[
+async def driving(url: str, **options: Any) -> AsyncIterator[
         tuple[AvatarClient, SegmentSender, Reports]]:
     """A session a browser (an aiortc client) holds, and a SegmentSender driving it over
     the session's WebSocket, its reports noted. The sender closes before the browser."""
@@ -139,3 +141,73 @@ async def test_close_finishes_what_is_pending(server, speech48k) -> None:
     # the adapter was torn down while it played
     (uid, position, cut), = reports.of("finished")
     assert uid == segment.id and cut and position <= 2.0
+
+
+async def test_segments_after_the_session_is_gone_finish_at_once(server, speech48k) -> None:
+    """The session deleted under the sender: a segment opened afterwards finishes at once
+    (interrupted, nothing played) instead of waiting for close(); after close() too, and
+    audio for it never waits on the full queue."""
+    url, state = server
+    gone: list[str] = []
+    async with driving(url, max_queued=2, on_gone=gone.append) as (browser, sender, reports):
+        await browser.delete()
+        assert await until(lambda: sender.gone is not None, 10)
+        assert len(gone) == 1 and "ended" in gone[0]
+        late = sender.open()
+        await asyncio.wait_for(sender.audio(late, pcm(speech48k, 0.5), 24_000), 2)
+        await sender.end(late)
+        assert await sender.drain(2)
+        assert reports.of("finished") == [(late.id, 0.0, True)]
+    closed = sender.open()
+    for _ in range(5):  # more than max_queued: none of it may wait for room
+        await asyncio.wait_for(sender.audio(closed, pcm(speech48k, 0.1), 24_000), 2)
+    assert await sender.drain(2)
+    assert reports.of("finished")[-1] == (closed.id, 0.0, True)
+    assert len(gone) == 1  # told once
+
+
+async def test_a_segment_the_server_refuses_finishes(server, speech48k) -> None:
+    """A segment whose start the server refuses (its id was used and ended on the session
+    already, by someone else) is reported finished at once, interrupted, nothing played;
+    the next segment plays."""
+    url, state = server
+    async with driving(url) as (browser, sender, reports):
+        await browser.push_speech(at_rate(speech48k, 24_000)[:2400], 24_000, "taken")
+        await asyncio.wait_for(browser.wait_event(
+            "speech.finished", lambda e: e["utterance_id"] == "taken"), 10)
+        refused = sender.open("taken")
+        await sender.audio(refused, pcm(speech48k, 0.3), 24_000)
+        await sender.end(refused)
+        after = sender.open()
+        await sender.audio(after, pcm(speech48k, 0.3), 24_000)
+        await sender.end(after)
+        assert await sender.drain(10)
+    results = {uid: (pos, cut) for uid, pos, cut in reports.of("finished")}
+    assert results == {refused.id: (0.0, True), after.id: (pytest.approx(0.3, abs=0.03), False)}
+
+
+async def test_two_senders_on_one_session_never_share_an_id(server, speech48k) -> None:
+    """A second driver on the session (or an agent job restarted on it) generates ids that
+    the first did not use: its segments play instead of being refused."""
+    url, state = server
+    async with driving(url) as (browser, first, first_reports):
+        one = first.open()
+        await first.audio(one, pcm(speech48k, 0.3), 24_000)
+        await first.end(one)
+        assert await first.drain(10)
+        control = SessionControl(url, browser.session_id, browser.token)
+        await control.connect()
+        second_reports = Reports()
+        second = SegmentSender(control, on_started=second_reports.started,
+                               on_finished=second_reports.finished)
+        await second.start()
+        try:
+            two = second.open()
+            await second.audio(two, pcm(speech48k, 0.4), 24_000)
+            await second.end(two)
+            assert await second.drain(10)
+        finally:
+            await second.close()
+            await control.close()
+    assert one.id != two.id
+    assert second_reports.of("finished") == [(two.id, pytest.approx(0.4, abs=0.03), False)]
