@@ -12,11 +12,13 @@ from typing import Any
 import numpy as np
 import pytest
 from loopback_server import loopback_server  # noqa: F401  (the fixture `server`)
-from speechtools import at_rate, until
+from speechtools import at_rate, envelope_match, received_between, until
 
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.client.sessioncontrol import SessionControl, to_pcm16
+from avatar_stream.config import ServerConfig
 from avatar_stream.integrations.segments import Segment, SegmentSender
+from avatar_stream.transports.http.app import running_server
 
 pytestmark = [pytest.mark.asyncio(loop_scope="module"), pytest.mark.timeout(90)]
 
@@ -211,3 +213,47 @@ async def test_two_senders_on_one_session_never_share_an_id(server, speech48k) -
             await control.close()
     assert one.id != two.id
     assert second_reports.of("finished") == [(two.id, pytest.approx(0.4, abs=0.03), False)]
+
+
+@pytest.mark.parametrize("via", ["ws", "datachannel"])
+async def test_a_reply_longer_than_the_speech_queue_is_spoken_whole(via, speech48k) -> None:
+    """A server whose speech queue holds 1.5 s, a 5 s reply pushed as fast as a TTS makes
+    it: the queue refuses chunks (queue_full), the sender waits for room and resends them,
+    and the avatar says all of it, in order, nothing missing."""
+    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
+                          max_sessions=2, speech_queue_s=1.5)
+    reply = at_rate(speech48k, 24_000)[: 5 * 24_000]
+    reports = Reports()
+    async with running_server(config) as (url, state), \
+            AvatarClient(url, record_mouth=False) as browser:
+        control = SessionControl(url, browser.session_id, browser.token)
+        link = control if via == "ws" else browser
+        if via == "ws":
+            await control.connect()
+        sender = SegmentSender(link, on_started=reports.started, on_finished=reports.finished)
+        await sender.start()
+        try:
+            segment = sender.open()
+            for i in range(0, len(reply), 2400):  # 100 ms pieces, as fast as they come
+                await sender.audio(segment, to_pcm16(reply[i : i + 2400])[0], 24_000)
+            await sender.end(segment)
+            assert await sender.drain(30)
+            rec = browser.received
+            t_end = next(t for t, e in reversed(rec.events) if e["type"] == "speech.finished")
+            assert await until(lambda: rec.audio_t[-1] > t_end + 0.5, 5)  # its last audio
+        finally:
+            await sender.close()
+            await control.close()
+    replies = control.received if via == "ws" else browser.received.events
+    refused = [e for _, e in replies if e.get("code") == "queue_full"]
+    assert refused and all("offset" in e and e["retry_after"] > 0 for e in refused)
+    (uid, position, cut), = reports.of("finished")
+    assert uid == segment.id and not cut
+    assert position == pytest.approx(5.0, abs=0.03)
+    (t0, started), = [(t, e) for t, e in browser.received.events
+                      if e.get("type") == "speech.started"]
+    heard = received_between(browser.received, t0 - 0.2, t_end + 0.5)
+    offset, r = envelope_match(reply, 24_000, heard)
+    print(f"queue of 1.5 s, 5 s reply via {via}: {len(refused)} refusals, all of it said "
+          f"(position {position:.3f} s), envelope r={r:.3f}")
+    assert r >= 0.9
