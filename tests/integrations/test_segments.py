@@ -215,16 +215,18 @@ async def test_two_senders_on_one_session_never_share_an_id(server, speech48k) -
     assert second_reports.of("finished") == [(two.id, pytest.approx(0.4, abs=0.03), False)]
 
 
+SMALL_QUEUE = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
+                           max_sessions=2, speech_queue_s=1.5)
+
+
 @pytest.mark.parametrize("via", ["ws", "datachannel"])
 async def test_a_reply_longer_than_the_speech_queue_is_spoken_whole(via, speech48k) -> None:
     """A server whose speech queue holds 1.5 s, a 5 s reply pushed as fast as a TTS makes
     it: the queue refuses chunks (queue_full), the sender waits for room and resends them,
     and the avatar says all of it, in order, nothing missing."""
-    config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"],
-                          max_sessions=2, speech_queue_s=1.5)
     reply = at_rate(speech48k, 24_000)[: 5 * 24_000]
     reports = Reports()
-    async with running_server(config) as (url, state), \
+    async with running_server(SMALL_QUEUE) as (url, state), \
             AvatarClient(url, record_mouth=False) as browser:
         control = SessionControl(url, browser.session_id, browser.token)
         link = control if via == "ws" else browser
@@ -257,3 +259,36 @@ async def test_a_reply_longer_than_the_speech_queue_is_spoken_whole(via, speech4
     print(f"queue of 1.5 s, 5 s reply via {via}: {len(refused)} refusals, all of it said "
           f"(position {position:.3f} s), envelope r={r:.3f}")
     assert r >= 0.9
+
+
+async def test_a_barge_in_ends_the_wait_for_room(speech48k) -> None:
+    """Cut while the sender is waiting out a full queue: the cut reply's remaining audio
+    is dropped, and the next reply plays soon after, whole."""
+    reply = pcm(speech48k, 5.0)
+    async with running_server(SMALL_QUEUE) as (url, state), \
+            driving(url) as (browser, sender, reports):
+        long = sender.open()
+
+        async def push_long() -> None:
+            for i in range(0, len(reply), 4800):
+                await sender.audio(long, reply[i : i + 4800], 24_000)
+            await sender.end(long)
+
+        pushing = asyncio.create_task(push_long())
+        assert await until(lambda: long.started_at is not None, 10)
+        session = state.sessions[browser.session_id]
+        replies = sender.link.received
+        assert await until(lambda: any(e.get("code") == "queue_full" for _, e in replies), 10)
+        assert session.speech.seconds > 1.0  # the queue is full: the sender waits for room
+        sender.interrupt()
+        await asyncio.wait_for(pushing, 5)  # its remaining audio is dropped, not waited on
+        t_cut = asyncio.get_running_loop().time()
+        after = sender.open()
+        await sender.audio(after, pcm(speech48k, 0.6), 24_000)
+        await sender.end(after)
+        assert await sender.drain(10)
+        took = asyncio.get_running_loop().time() - t_cut
+    results = {uid: (pos, cut) for uid, pos, cut in reports.of("finished")}
+    assert results[long.id][1] and results[long.id][0] < 3.0
+    assert results[after.id] == (pytest.approx(0.6, abs=0.03), False)
+    assert took < 3.0  # the reply's 0.6 s, and no wait for room behind the cut one
