@@ -18,6 +18,7 @@ from pipecat.frames.frames import (
     BotSpeakingFrame,
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
+    CancelFrame,
     ErrorFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
@@ -291,6 +292,35 @@ async def test_driver_goes_on_when_the_session_ends_under_it(server) -> None:
     errors = [f for f in up if isinstance(f, ErrorFrame)]
     assert len(errors) == 1 and "ended" in errors[0].error and not errors[0].fatal
     assert out.of(BotStartedSpeakingFrame) and out.of(BotStoppedSpeakingFrame)
+
+
+async def test_cancelling_the_driver_stops_the_avatar_and_leaves_it_idle(server) -> None:
+    """A CancelFrame while the avatar speaks a long reply and the user has started to talk:
+    the browser's avatar stops speaking at once (not the rest of the reply) and does not
+    stay listening (the server's turn state has no timeout)."""
+    url, state = server
+    async with AvatarClient(url, record_mouth=False) as browser:
+        session = state.sessions[browser.session_id]
+        driver = AvatarStreamSessionDriver(url=url, session_id=browser.session_id,
+                                           token=browser.token)
+        (tts, _), tap = espeak_tts(), Recorder()
+        await asyncio.wait_for(run_test(
+            Pipeline([tts, tap, driver]),
+            frames_to_send=[TTSSpeakFrame(LONG), SleepFrame(2.5), UserStartedSpeakingFrame(),
+                            SleepFrame(0.3), CancelFrame()],
+            send_end_frame=False, start_timeout=30,
+        ), 30)
+        t_cancelled = time.perf_counter()
+        rec = browser.received
+        assert await until(lambda: events(rec, "speech.finished"), 5)
+        assert await until(lambda: session.turn.shown == "idle", 5)
+    (t_started, started), = events(rec, "speech.started")
+    (t_finished, finished), = events(rec, "speech.finished")
+    assert finished["utterance_id"] == started["utterance_id"] == \
+        tap.of(TTSStartedFrame)[0][1].context_id
+    assert finished["interrupted"] and finished["position_s"] < 5.0
+    assert t_finished - t_cancelled < 1.0
+    assert session.turn.requested == "idle"
 
 
 @pytest.fixture
