@@ -47,6 +47,7 @@ from webrtc_visitor import Visitor
 
 from avatar_stream.bench.lipsync import measure_lipsync
 from avatar_stream.client.avatarclient import AvatarClient
+from avatar_stream.integrations import pipecat as pipecat_adapter
 from avatar_stream.integrations.pipecat import (
     AvatarStreamSessionDriver,
     AvatarStreamTTSService,
@@ -147,6 +148,8 @@ async def test_relay_frames_are_lip_synced_at_25_fps_with_the_speech_in_order(se
         assert r >= 0.85
         offsets.append((offset, len(samples) / sr))
     assert offsets[0][0] + offsets[0][1] - 0.1 <= offsets[1][0]
+    # the last reply's media all went down before the EndFrame ended the pipeline
+    assert len(got) / rate >= offsets[1][0] + offsets[1][1]
 
     # and the lips move with it, as a transport that plays both at a steady rate shows them
     # (arrival times smoothed: the machine's load jitters them, a player's buffer does not)
@@ -212,6 +215,55 @@ async def test_relay_barge_in_cuts_the_speech_at_the_server_and_the_next_reply_p
     # the pipeline heard the avatar stop, and the next reply played
     assert any(t_cut <= t <= t_cut + 0.5 for t, _ in out.of(BotStoppedSpeakingFrame))
     assert [t for t, rms in sent if t > next_reply and rms > 0.02]
+    assert await until(lambda: not state.sessions, 10)
+
+
+async def test_relay_ends_without_blocking_the_event_loop(server, monkeypatch) -> None:
+    """A picture conversion still running on the relay's converter thread when the
+    pipeline ends (a loaded machine): the relay waits for that thread off the event loop,
+    which goes on running meanwhile (every other session of the bot's process with it)."""
+    url, state = server
+    release, done = threading.Event(), threading.Event()
+    beats = [time.perf_counter()]
+    real_rgb = pipecat_adapter._rgb_bytes
+
+    def stuck_rgb(frame):  # in flight at the end: it finishes when the test says so
+        release.wait(10)
+        return real_rgb(frame)
+
+    monkeypatch.setattr(pipecat_adapter, "_rgb_bytes", stuck_rgb)
+    avatar = relay(url)
+
+    async def heartbeat() -> None:
+        had_client = False
+        while True:
+            beats.append(time.perf_counter())
+            had_client = had_client or avatar.client is not None
+            if had_client and avatar.client is None:
+                release.set()  # the relay is closing: the conversion may end now
+            await asyncio.sleep(0.02)
+
+    def watchdog() -> None:  # a loop stalled for a second: let the conversion end
+        while not done.wait(0.05):
+            if time.perf_counter() - beats[-1] > 1.0:
+                release.set()
+
+    beating = asyncio.create_task(heartbeat())
+    guard = threading.Thread(target=watchdog, name="test-watchdog")
+    guard.start()
+    try:
+        (tts, _), out = espeak_tts(), Recorder()
+        await run_test(Pipeline([tts, avatar, out]), frames_to_send=[TTSSpeakFrame(SECOND)],
+                       start_timeout=30)
+    finally:
+        done.set()
+        release.set()
+        guard.join()
+        beating.cancel()
+    stall = max(b - a for a, b in zip(beats, beats[1:], strict=False))
+    print(f"relay end: the event loop's longest stall {1000 * stall:.0f} ms")
+    assert stall < 0.5
+    assert out.of(BotStoppedSpeakingFrame)
     assert await until(lambda: not state.sessions, 10)
 
 
