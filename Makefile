@@ -6,8 +6,12 @@ HOST   ?= 127.0.0.1
 PORT   ?= 8080
 ARGS   ?=
 
-# Debian packages the tests need: a browser, offline speech, and network namespaces.
-DEB_PACKAGES := chromium chromium-driver espeak-ng sox iproute2
+# Debian packages the tests need: a browser, offline speech, network namespaces, and a TURN
+# server (coturn, run on loopback by the WHEP test).
+DEB_PACKAGES := chromium chromium-driver espeak-ng sox iproute2 coturn
+# npm installs the tests' JavaScript packages (tests/npm: a third-party WHEP player); a
+# machine whose node.js ships its own npm keeps it.
+NPM_DEB      := nodejs npm
 # The FlashHead tests run the engine on the CPU, against upstream's real code with tiny
 # random weights (FLASHHEAD_SRC) and against a stand-in pipeline. torch is for tests only
 # here: `pip install avatar-stream` never pulls it (it is in the `flashhead` extra, which the
@@ -28,7 +32,7 @@ test: install-test
 
 install: $(VENV)/.installed
 
-install-test: $(VENV)/.installed-test $(VENV)/.debian-packages
+install-test: $(VENV)/.installed-test $(VENV)/.debian-packages tests/npm/node_modules/.installed
 
 # The editable install's build step (setup.py) also writes MediaPipe's face models into
 # avatar_stream/avatars/models/ (git-ignored), as the wheel carries them.
@@ -46,6 +50,7 @@ $(VENV)/.installed-test: $(VENV)/.installed
 $(VENV)/.debian-packages:
 	@missing=""; for p in $(DEB_PACKAGES); do \
 	  dpkg -s $$p >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	command -v npm >/dev/null 2>&1 || missing="$$missing $(NPM_DEB)"; \
 	if [ -n "$$missing" ]; then \
 	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); \
 	  echo "installing Debian packages:$$missing"; \
@@ -54,9 +59,13 @@ $(VENV)/.debian-packages:
 	fi
 	touch $@
 
+tests/npm/node_modules/.installed: tests/npm/package-lock.json $(VENV)/.debian-packages
+	cd tests/npm && npm ci --no-audit --no-fund --loglevel=error
+	touch $@
+
 lint: install-test
 	$(BIN)/ruff check avatar_stream tests
 	$(BIN)/mypy avatar_stream
 
 clean:
-	rm -rf $(VENV) build *.egg-info .pytest_cache
+	rm -rf $(VENV) build *.egg-info .pytest_cache tests/npm/node_modules

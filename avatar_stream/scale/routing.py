@@ -26,6 +26,7 @@ from typing import Any
 
 import aiohttp
 from aiohttp import web
+from multidict import CIMultiDict
 
 from avatar_stream.config import ServerConfig
 from avatar_stream.errors import error_body
@@ -143,7 +144,8 @@ async def forward(http: aiohttp.ClientSession, request: web.Request, owner: str,
             allow_redirects=False, timeout=aiohttp.ClientTimeout(total=60),
         ) as resp:
             body = await resp.read()
-            out = {k: v for k, v in resp.headers.items() if k.lower() not in _HOP_BY_HOP}
+            out = CIMultiDict((k, v) for k, v in resp.headers.items()  # Link: several
+                              if k.lower() not in _HOP_BY_HOP)
             response = web.Response(status=resp.status, body=body, headers=out)
             response[ANSWERED_BY] = owner
             return response

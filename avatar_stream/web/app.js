@@ -681,7 +681,9 @@
   }
 
   // The preview <img>: a plain URL, or with an API key (an <img> sends no header) the bytes
-  // fetched with it, so the key never appears in a URL.
+  // fetched with it, so the key never appears in a URL (their object URLs are freed when
+  // the gallery is drawn again).
+  let previewUrls = [];
   async function showPreview(img, info) {
     const url = `/v1/avatars/${encodeURIComponent(info.id)}/preview.png?v=${info.created || 0}`;
     if (!apiKey) {
@@ -690,7 +692,11 @@
     }
     try {
       const r = await fetch(url, { headers: keyHeaders() });
-      if (r.ok) img.src = URL.createObjectURL(await r.blob());
+      if (r.ok) {
+        const u = URL.createObjectURL(await r.blob());
+        previewUrls.push(u);
+        img.src = u;
+      }
     } catch { /* the card shows its name without a picture */ }
   }
 
@@ -711,6 +717,8 @@
   function renderGallery() {
     const list = $("gallery");
     list.textContent = "";
+    for (const u of previewUrls) URL.revokeObjectURL(u);
+    previewUrls = [];
     for (const info of client.avatars) {
       const li = document.createElement("li");
       li.className = "avatar-card";
@@ -815,8 +823,7 @@
     } finally {
       $("photos").disabled = false;
     }
-    const byName = new Map(files.map((f) => [f.name, f]));
-    renderRanking(client.ranking, byName);
+    renderRanking(client.ranking, files);
     const best = client.ranking.recommended;
     avatarStatus(best ? `recommended: ${best}` : "none of these photos can be animated",
       best ? "" : "error");
@@ -829,7 +836,8 @@
   };
 
   let thumbUrls = [];
-  function renderRanking(result, byName) {
+  // each row names its file by its place in the request: two files may share a name
+  function renderRanking(result, files) {
     for (const u of thumbUrls) URL.revokeObjectURL(u);
     thumbUrls = [];
     const list = $("ranking");
@@ -841,7 +849,7 @@
       li.dataset.name = s.name;
       li.dataset.score = s.score;
       if (s.reason) li.dataset.reason = s.reason;
-      const file = byName.get(s.name);
+      const file = files[s.index];
       const img = document.createElement("img");
       img.className = "thumb";
       img.alt = "";
@@ -863,7 +871,8 @@
       score.className = `score ${scoreClass(s.score)}`;
       score.textContent = s.score.toFixed(0);
       head.append(name, " ", score);
-      if (s.name === result.recommended) {
+      const recommended = s.index === result.recommended_index;
+      if (recommended) {
         const rec = document.createElement("span");
         rec.className = "badge";
         rec.textContent = "recommended";
@@ -889,7 +898,7 @@
       li.append(img, body);
       if (s.score > 0 && file) {
         const use = document.createElement("button");
-        use.className = s.name === result.recommended ? "use primary" : "use";
+        use.className = recommended ? "use primary" : "use";
         use.textContent = "Use";
         use.setAttribute("aria-label", `use ${s.name} as the avatar`);
         use.onclick = () => usePhoto(file, use);

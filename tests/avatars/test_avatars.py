@@ -27,6 +27,7 @@ from avatar_stream.avatars.store import AvatarConflict, AvatarStore
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.config import ServerConfig
 from avatar_stream.engines.warp.engine import WarpEngine
+from avatar_stream.transports.http import avatars as avatar_routes
 from avatar_stream.transports.http.app import running_server
 
 on_server_loop = pytest.mark.asyncio(loop_scope="module")
@@ -125,6 +126,8 @@ def test_store_ids_duplicates_and_conflicts(portrait: np.ndarray) -> None:
         store.prepare(_jpeg(portrait[:, ::-1].copy()), "grace-hopper")
     anonymous, _ = store.prepare(_jpeg(portrait))
     assert anonymous.id.startswith("a-")
+    reserved, _ = store.prepare(_jpeg(portrait[:, :-8].copy()), "Rank")  # the API's own path
+    assert reserved.id == "rank-avatar"
     info = store.info("grace-hopper")
     assert info and info["quality"]["score"] > 50 and info["face_box"] and info["mouth_box"]
     assert store.remove("grace-hopper") and "grace-hopper" not in store.avatars
@@ -306,6 +309,10 @@ async def test_rank_uploaded_photos(server, portrait: np.ndarray, bad_photos,
     assert [g for g in got if g[0] != "huge.jpg"] == [(s.name, s.score) for s in cli]
     assert ("huge.jpg", 0.0) in got[len(cli) - 2:]  # among the unusable, at the end
     assert body["recommended"] == "sharp.jpg"
+    sent = [*photos, "huge.jpg"]  # the order of the files in the form
+    assert sorted(s["index"] for s in body["ranking"]) == list(range(len(sent)))
+    assert all(sent[s["index"]] == s["name"] for s in body["ranking"])
+    assert body["recommended_index"] == sent.index("sharp.jpg")
     by_name = {s["name"]: s for s in body["ranking"]}
     assert "blurred" in by_name["blurred.jpg"]["notes"]
     assert (by_name["text.jpg"]["reason"], by_name["text.jpg"]["problem"]) == \
@@ -326,8 +333,21 @@ async def test_rank_uploaded_photos(server, portrait: np.ndarray, bad_photos,
         form.add_field("image", b"x", filename=f"{i}.jpg")
     async with http.post(f"{url}/v1/avatars/rank", data=form) as r:
         assert r.status == 413 and "more than 20" in (await r.json())["error"]
-    async with http.get(f"{url}/v1/avatars/rank") as r:  # not an avatar called "rank"
-        assert r.status == 404
+    async with http.get(f"{url}/v1/avatars/rank") as r:  # the ranking, never an avatar's id
+        assert r.status == 405 and r.headers["Allow"] == "POST"
+    # two files of one name (IMG_0001.jpg from two folders) stay two rows, told by index
+    form = aiohttp.FormData()
+    form.add_field("image", photos["text.jpg"], filename="IMG_0001.jpg")
+    form.add_field("image", photos["sharp.jpg"], filename="IMG_0001.jpg")
+    async with http.post(f"{url}/v1/avatars/rank", data=form) as r:
+        body = await r.json()
+    assert [(s["index"], s["reason"]) for s in body["ranking"]] == [(1, None), (0, "not_image")]
+    assert body["recommended_index"] == 1
+    # a server with no room for another job refuses at once, before reading the photos
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(avatar_routes, "MAX_WAITING_JOBS", -1)
+        async with http.post(f"{url}/v1/avatars/rank", data=form) as r:
+            assert r.status == 503 and r.headers["Retry-After"]
 
 
 @on_server_loop

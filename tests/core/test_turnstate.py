@@ -175,7 +175,7 @@ async def test_a_bad_state_is_refused_on_that_connection_only(server) -> None:
 @pytest.mark.asyncio(loop_scope="module")
 @pytest.mark.timeout(60)
 async def test_speaking_overrides_and_thinking_ends_with_the_reply(server, speech48k) -> None:
-    url, _, _ = server
+    url, state, _ = server
     async with AvatarClient(url, record_mouth=False) as client:
         await client.set_state("thinking")
         await asyncio.wait_for(client.wait_event("state.changed"), 5)
@@ -196,7 +196,9 @@ async def test_speaking_overrides_and_thinking_ends_with_the_reply(server, speec
         await asyncio.wait_for(
             client.wait_event("speech.started", lambda e: e["utterance_id"] == uid), 10)
         await client.set_state("listening")
-        await asyncio.sleep(0.3)
+        session = state.sessions[client.session_id]
+        assert await until(lambda: session.stats()["turn_state_set"] == "listening", 5)
+        assert session.stats()["turn_state"] == "speaking"  # set, but under the speech
         assert states(client)[-1] == ("speaking", "idle")
         client.interrupt()
         await asyncio.wait_for(client.wait_event(

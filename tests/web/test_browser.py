@@ -14,7 +14,6 @@ import contextlib
 import json
 import os
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -25,6 +24,8 @@ import cv2
 import numpy as np
 import pytest
 from matplotlib import cbook
+from netns import namespace, stop
+from netns import tail as _tail
 
 ROOT = Path(__file__).resolve().parents[2]
 DRIVER = ROOT / "tests" / "browser_driver.py"
@@ -56,25 +57,6 @@ pytestmark = [
 
 def _run(*cmd: str, timeout: float = 30) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, check=True)
-
-
-@contextlib.contextmanager
-def namespace(prefix: str) -> Iterator[str]:
-    """A namespace with only ``lo`` up; deleted (with anything still in it) at the end."""
-    name = f"{prefix}_{os.getpid()}"
-    _run("ip", "netns", "add", name)
-    try:
-        _run("ip", "netns", "exec", name, "ip", "link", "set", "lo", "up")
-        yield name
-    finally:
-        # Everything in the namespace was started by this test: end it by pid.
-        pids = subprocess.run(["ip", "netns", "pids", name], capture_output=True, text=True)
-        for pid in pids.stdout.split():
-            try:
-                os.kill(int(pid), signal.SIGKILL)
-            except (ProcessLookupError, ValueError):
-                pass
-        subprocess.run(["ip", "netns", "delete", name], capture_output=True)
 
 
 @pytest.fixture
@@ -122,19 +104,7 @@ def serving(netns: str, tmp_path: Path, *options: str
     try:
         yield f"http://127.0.0.1:{PORT}", log, proc
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(timeout=10)
-
-
-def _tail(path: Path, n: int = 60) -> str:
-    try:
-        return "\n".join(path.read_text(errors="replace").splitlines()[-n:])
-    except OSError:
-        return "(no log)"
+        stop(proc)
 
 
 def drive(netns: str, proc: subprocess.Popen, log: Path, tmp_path: Path, *args: str

@@ -30,14 +30,17 @@ from avatar_stream.scale.workers import WorkerError, WorkerPool
 from avatar_stream.transports.http.auth import (
     cors_middleware,
 )
+from avatar_stream.transports.http.errors import json_errors
 from avatar_stream.transports.http.health import (
     WEB_DIR,
     client_config,
+    files,
     healthz,
     index,
     metrics,
     readyz,
 )
+from avatar_stream.transports.http.openapi import openapi_routes
 from avatar_stream.transports.http.sessions import (
     MAX_OFFER_BYTES,
     create_session,
@@ -49,6 +52,7 @@ from avatar_stream.transports.http.sessions import (
 )
 from avatar_stream.transports.http.speech import end_utterance, push_audio, say, websocket
 from avatar_stream.transports.http.state import STATE, ServerState
+from avatar_stream.transports.http.whep import whep_routes
 from avatar_stream.transports.webrtc import internals as aiortc_internals
 from avatar_stream.transports.webrtc.ice import restrict_host_addresses
 from avatar_stream.transports.webrtc.internals import AiortcMismatch
@@ -103,7 +107,7 @@ async def count_errors(request: web.Request, handler: Any) -> web.StreamResponse
 
 def create_app(state: ServerState) -> web.Application:
     config = state.config
-    middlewares: list[Any] = [count_errors]
+    middlewares: list[Any] = [count_errors, json_errors]
     if config.cors_origins:
         middlewares.insert(0, cors_middleware(config.cors_origins))
     if config.workers > 1 and state.pool is None:
@@ -113,7 +117,7 @@ def create_app(state: ServerState) -> web.Application:
     forwarder = Forwarder.create(config, lambda sid: sid in state.sessions or sid in state.ended,
                                  (lambda: pool.addresses) if pool else None)
     if forwarder:
-        middlewares.insert(len(middlewares) - 1, forwarder.middleware)
+        middlewares.insert(len(middlewares) - 2, forwarder.middleware)
     # bodies are limited per route (body.py); this is only the outer bound
     app = web.Application(
         client_max_size=max(MAX_OFFER_BYTES, config.max_audio_bytes), middlewares=middlewares
@@ -122,7 +126,7 @@ def create_app(state: ServerState) -> web.Application:
     app.add_routes(
         [
             web.get("/", index),
-            web.static("/web", WEB_DIR),
+            files("/web", WEB_DIR),
             web.get("/healthz", healthz),
             web.get("/readyz", readyz),
             web.get("/metrics", metrics),
@@ -137,6 +141,8 @@ def create_app(state: ServerState) -> web.Application:
             web.post("/v1/sessions/{id}/end", end_utterance),
             web.post("/v1/sessions/{id}/say", say),
             web.get("/v1/sessions/{id}/ws", websocket),
+            *whep_routes(),
+            *openapi_routes(),
         ]
     )
     # avatars (upload, list, preview, delete) and offline animation: avatars_api.py

@@ -170,9 +170,11 @@ def retry_after(seconds: float) -> str:
     return str(max(1, math.ceil(seconds)))
 
 
-ALLOW_HEADERS = "Authorization, Content-Type"
-ALLOW_METHODS = "GET, POST, DELETE, OPTIONS"
-EXPOSE_HEADERS = "Location, Retry-After"
+ALLOW_HEADERS = "Authorization, Content-Type, If-Match"
+ALLOW_METHODS = "GET, POST, PATCH, DELETE, OPTIONS"
+# what a page on another origin may read: WHEP's answer headers included
+EXPOSE_HEADERS = ("Location, Retry-After, ETag, Link, X-Session-Token, Accept-Post, "
+                  "Accept-Patch, Allow")
 
 
 def cors_middleware(origins: list[str]) -> Callable[[web.Request, Handler],

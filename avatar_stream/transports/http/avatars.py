@@ -21,8 +21,9 @@ worker's threads, so live sessions keep their frame rate.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, TypeVar
@@ -30,8 +31,14 @@ from typing import Any, TypeVar
 from aiohttp import web
 
 from avatar_stream.avatars.facerig import PhotoError
-from avatar_stream.avatars.ranking import PhotoScore, best_first, photos_in, rank_photos, unusable
-from avatar_stream.avatars.store import DEFAULT_ID, AvatarConflict, AvatarStore
+from avatar_stream.avatars.ranking import (
+    PhotoScore,
+    best_first,
+    photos_in,
+    score_file,
+    unusable,
+)
+from avatar_stream.avatars.store import DEFAULT_ID, RESERVED_IDS, AvatarConflict, AvatarStore
 from avatar_stream.engines.base import Avatar, AvatarError, EngineError
 from avatar_stream.errors import SpeechError
 from avatar_stream.tools.render import FORMATS, load_speech, render_clip
@@ -60,21 +67,32 @@ PHOTO_TYPES = ("image/", "application/octet-stream")
 
 
 class _Jobs:
-    """One thread for one kind of heavy job, with a bound on how many may wait."""
+    """One thread for one kind of heavy job, with a bound on how many may wait. A request
+    takes its place (``slot``) before it reads its body: a busy server refuses at once,
+    without first holding every waiting request's megabytes."""
 
     def __init__(self, name: str) -> None:
         self.pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix=name)
         self.pending = 0
 
-    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+    @contextlib.contextmanager
+    def slot(self) -> Iterator[None]:
         if self.pending > MAX_WAITING_JOBS:
             raise HTTPJSONError(503, "busy with other uploads or renders; try again shortly",
                                 **{"Retry-After": "2"})
         self.pending += 1
         try:
-            return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+            yield
         finally:
             self.pending -= 1
+
+    async def call(self, fn: Callable[..., T], *args: Any) -> T:
+        """Run on the job thread (inside a ``slot``)."""
+        return await asyncio.get_running_loop().run_in_executor(self.pool, fn, *args)
+
+    async def run(self, fn: Callable[..., T], *args: Any) -> T:
+        with self.slot():
+            return await self.call(fn, *args)
 
 
 PREPARE_JOBS = web.AppKey("avatar_prepare_jobs", _Jobs)
@@ -95,13 +113,16 @@ def add_avatar_api(app: web.Application) -> None:
 
 
 def avatar_routes() -> list[web.RouteDef]:
+    # an id is never one of the API's own segments: /v1/avatars/rank is the ranking alone
+    # (a GET there is a 405, not "unknown avatar 'rank'")
+    one = "/v1/avatars/{id:(?!(?:" + "|".join(sorted(RESERVED_IDS)) + ")(?:/|$))[^{}/]+}"
     return [
         web.post("/v1/avatars", upload_avatar),
         web.post("/v1/avatars/rank", rank_avatar_photos),
         web.get("/v1/avatars", list_avatars),
-        web.get("/v1/avatars/{id}", get_avatar),
-        web.get("/v1/avatars/{id}/preview.png", avatar_preview),
-        web.delete("/v1/avatars/{id}", delete_avatar),
+        web.get(one, get_avatar),
+        web.get(one + "/preview.png", avatar_preview),
+        web.delete(one, delete_avatar),
         web.post("/v1/animate", animate),
     ]
 
@@ -141,6 +162,11 @@ def _photo_error(exc: AvatarError) -> web.HTTPException:
 
 async def upload_avatar(request: web.Request) -> web.Response:
     require_server(request)
+    with request.app[PREPARE_JOBS].slot():
+        return await _upload(request)
+
+
+async def _upload(request: web.Request) -> web.Response:
     ctype = request.content_type
     if ctype == "multipart/form-data":
         form = await read_form(request, {"image": MAX_PHOTO_BYTES})
@@ -155,7 +181,7 @@ async def upload_avatar(request: web.Request) -> web.Response:
                             "an image/* body", "not_image")
     store = request.app[AVATAR_STORE]
     try:
-        avatar, created = await request.app[PREPARE_JOBS].run(store.prepare, photo, name)
+        avatar, created = await request.app[PREPARE_JOBS].call(store.prepare, photo, name)
     except AvatarError as exc:
         raise _photo_error(exc) from None
     except AvatarConflict as exc:
@@ -173,22 +199,31 @@ async def upload_avatar(request: web.Request) -> web.Response:
 async def rank_avatar_photos(request: web.Request) -> web.Response:
     """Score photos as references before choosing one: the ranking ``avatar-stream avatars
     rank`` prints, over HTTP for the page. A file that is not a usable image is ranked last
-    with its reason, never refused alone."""
+    with its reason, never refused alone. Each row's ``index`` is its file's place in the
+    request (two files may share a name)."""
     require_server(request)
-    files = await read_form_files(request, "image", MAX_PHOTO_BYTES, MAX_RANK_PHOTOS,
-                                  MAX_RANK_BYTES)
-    if not files:
-        raise HTTPJSONError(400, "send the photos in form fields named 'image'")
-    scores = await request.app[PREPARE_JOBS].run(_rank, files)
-    usable = [s for s in scores if s.score > 0]
-    return web.json_response({"ranking": [s.to_json() for s in scores],
-                              "recommended": usable[0].name if usable else None})
+    jobs = request.app[PREPARE_JOBS]
+    with jobs.slot():
+        files = await read_form_files(request, "image", MAX_PHOTO_BYTES, MAX_RANK_PHOTOS,
+                                      MAX_RANK_BYTES)
+        if not files:
+            raise HTTPJSONError(400, "send the photos in form fields named 'image'")
+        ranked = await jobs.call(_rank, files)
+    usable = [(i, s) for i, s in ranked if s.score > 0]
+    return web.json_response({
+        "ranking": [{**s.to_json(), "index": i} for i, s in ranked],
+        "recommended": usable[0][1].name if usable else None,
+        "recommended_index": usable[0][0] if usable else None,
+    })
 
 
-def _rank(files: list[tuple[str, bytes | None]]) -> list[PhotoScore]:
+def _rank(files: list[tuple[str, bytes | None]]) -> list[tuple[int, PhotoScore]]:
+    """(index in ``files``, score), best first."""
     too_large = PhotoError(f"file over {MAX_PHOTO_BYTES // (1024 * 1024)} MB", "too_large")
-    return best_first([*rank_photos((name, data) for name, data in files if data is not None),
-                       *(unusable(name, too_large) for name, data in files if data is None)])
+    scores = [score_file(data, name) if data is not None else unusable(name, too_large)
+              for name, data in files]
+    index = {id(s): i for i, s in enumerate(scores)}
+    return [(index[id(s)], s) for s in best_first(scores)]
 
 
 async def list_avatars(request: web.Request) -> web.Response:
@@ -245,6 +280,11 @@ async def animate(request: web.Request) -> web.StreamResponse:
     pool = request.app[STATE].pool
     if pool is not None:
         return await pool.forward_to_any(request)
+    with request.app[RENDER_JOBS].slot():
+        return await _animate(request)
+
+
+async def _animate(request: web.Request) -> web.Response:
     form = await read_form(request, {"audio": MAX_AUDIO_BYTES, "image": MAX_PHOTO_BYTES})
     audio = form.get("audio")
     if not audio:
@@ -265,7 +305,7 @@ async def animate(request: web.Request) -> web.StreamResponse:
         if avatar is None:
             raise HTTPJSONError(404, f"unknown avatar {avatar_id!r}")
     try:
-        clip = await request.app[RENDER_JOBS].run(_render, store, avatar, audio, fmt)
+        clip = await request.app[RENDER_JOBS].call(_render, store, avatar, audio, fmt)
     except SpeechError as exc:
         raise speech_error(exc) from None
     media = "video/webm" if fmt == "webm" else "video/mp4"

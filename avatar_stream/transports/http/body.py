@@ -3,10 +3,13 @@ refused with the right status (413, 415, 400) before more than the limit is read
 
 from __future__ import annotations
 
+import contextlib
 import json
+from collections.abc import Iterator
 from typing import Any
 
 from aiohttp import BodyPartReader, web
+from aiohttp.http_exceptions import HttpProcessingError
 
 from avatar_stream.transports.http.errors import HTTPJSONError
 
@@ -40,6 +43,15 @@ async def read_limited(source: web.Request | BodyPartReader, limit: int, what: s
         chunks.append(chunk)
 
 
+async def read_text(request: web.Request, limit: int, what: str) -> str:
+    """A text body (SDP, an SDP fragment) in its charset; 400 when it is not text."""
+    raw = await read_limited(request, limit)
+    try:
+        return raw.decode(request.charset or "utf-8")
+    except (UnicodeDecodeError, LookupError) as exc:
+        raise HTTPJSONError(400, f"{what} is not valid text: {exc}") from exc
+
+
 async def read_json_object(request: web.Request, limit: int = MAX_JSON_BYTES) -> dict[str, Any]:
     if request.content_type != "application/json":
         raise HTTPJSONError(415, "send application/json")
@@ -62,14 +74,26 @@ async def read_form(request: web.Request, files: dict[str, int]) -> dict[str, by
     if request.content_length is not None and request.content_length > read_limit:
         raise HTTPJSONError(413, f"body of {request.content_length} bytes is too large",
                             "too_large")
-    reader = await request.multipart()
     out: dict[str, bytes] = {}
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader) or not part.name:
-            continue
-        limit = files.get(part.name, FORM_TEXT_BYTES)
-        out[part.name] = await read_limited(part, limit, f"field {part.name!r}")
+    with _malformed_multipart():
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader) or not part.name:
+                continue
+            limit = files.get(part.name, FORM_TEXT_BYTES)
+            out[part.name] = await read_limited(part, limit, f"field {part.name!r}")
     return out
+
+
+@contextlib.contextmanager
+def _malformed_multipart() -> Iterator[None]:
+    """aiohttp's multipart parser raises for a body without a boundary or with broken part
+    headers: that is the client's 400, not a 500."""
+    try:
+        yield
+    except (ValueError, HttpProcessingError) as exc:
+        words = getattr(exc, "message", None) or str(exc)  # HttpProcessingError's own words
+        raise HTTPJSONError(400, f"malformed multipart/form-data body: {words}") from None
 
 
 def form_text(form: dict[str, bytes], name: str) -> str | None:
@@ -90,28 +114,29 @@ async def read_form_files(request: web.Request, field: str, limit_each: int, max
     if request.content_length is not None and request.content_length > max_total:
         raise HTTPJSONError(413, f"body of {request.content_length} bytes; at most "
                                  f"{_size(max_total)}", "too_large")
-    reader = await request.multipart()
     files: list[tuple[str, bytes | None]] = []
     total = 0
-    while (part := await reader.next()) is not None:
-        if not isinstance(part, BodyPartReader):
-            continue
-        if part.name != field:
-            await read_limited(part, FORM_TEXT_BYTES, f"field {part.name!r}")
-            continue
-        if len(files) == max_files:
-            raise HTTPJSONError(413, f"more than {max_files} files", "too_large")
-        chunks: list[bytes] | None = []
-        size = 0
-        while chunk := await part.read_chunk(CHUNK):
-            size += len(chunk)
-            total += len(chunk)
-            if total > max_total:
-                raise HTTPJSONError(413, f"files over {_size(max_total)} in all", "too_large")
-            if size > limit_each:
-                chunks = None  # read on to the next file, keep nothing of this one
-            elif chunks is not None:
-                chunks.append(chunk)
-        files.append((part.filename or f"file {len(files) + 1}",
-                      None if chunks is None else b"".join(chunks)))
+    with _malformed_multipart():
+        reader = await request.multipart()
+        while (part := await reader.next()) is not None:
+            if not isinstance(part, BodyPartReader):
+                continue
+            if part.name != field:
+                await read_limited(part, FORM_TEXT_BYTES, f"field {part.name!r}")
+                continue
+            if len(files) == max_files:
+                raise HTTPJSONError(413, f"more than {max_files} files", "too_large")
+            chunks: list[bytes] | None = []
+            size = 0
+            while chunk := await part.read_chunk(CHUNK):
+                size += len(chunk)
+                total += len(chunk)
+                if total > max_total:
+                    raise HTTPJSONError(413, f"files over {_size(max_total)} in all", "too_large")
+                if size > limit_each:
+                    chunks = None  # read on to the next file, keep nothing of this one
+                elif chunks is not None:
+                    chunks.append(chunk)
+            files.append((part.filename or f"file {len(files) + 1}",
+                          None if chunks is None else b"".join(chunks)))
     return files

@@ -4,6 +4,7 @@ client can act on it, raised from anywhere in a handler."""
 from __future__ import annotations
 
 import json
+from typing import Any
 
 from aiohttp import web
 
@@ -39,3 +40,26 @@ def auth_error(exc: AuthError) -> HTTPJSONError:
 def speech_error(exc: SpeechError) -> HTTPJSONError:
     headers = {"Retry-After": retry_after(exc.retry_after)} if exc.retry_after else {}
     return HTTPJSONError(exc.status, exc.message, kind=exc.kind, **headers)
+
+
+@web.middleware
+async def json_errors(request: web.Request, handler: Any) -> web.StreamResponse:
+    """aiohttp's own refusals (no such route, a method the route lacks, a request that is
+    not a WebSocket handshake) in the API's one error shape, their headers (``Allow``) kept."""
+    try:
+        return await handler(request)
+    except HTTPJSONError:
+        raise
+    except web.HTTPException as exc:
+        if exc.status < 400:
+            raise
+        if isinstance(exc, web.HTTPMethodNotAllowed):
+            message = (f"{request.method} is not allowed on {request.path}; allowed: "
+                       f"{', '.join(sorted(exc.allowed_methods))}")
+        elif exc.text and not exc.text.startswith(f"{exc.status}:"):
+            message = exc.text  # aiohttp's own words, where it has some
+        else:
+            message = f"{exc.reason}: {request.path}"
+        headers = {k: v for k, v in exc.headers.items()
+                   if k.lower() not in ("content-type", "content-length")}
+        raise HTTPJSONError(exc.status, message, **headers) from None

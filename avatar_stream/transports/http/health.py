@@ -10,6 +10,7 @@ from aiohttp import web
 
 from avatar_stream.scale.capacity import capacity_info
 from avatar_stream.scale.metrics import CONTENT_TYPE
+from avatar_stream.transports.http.errors import HTTPJSONError
 from avatar_stream.transports.http.sessions import require_server
 from avatar_stream.transports.http.state import STATE
 from avatar_stream.transports.webrtc.turn import session_ice_servers
@@ -22,6 +23,25 @@ WEB_DIR = Path(str(resources.files("avatar_stream") / "web"))
 
 async def index(request: web.Request) -> web.StreamResponse:
     return web.FileResponse(WEB_DIR / "index.html")
+
+
+def files(prefix: str, directory: Path) -> web.RouteDef:
+    """``GET prefix/{filename}``: the files under ``directory``, nothing outside it; a
+    missing one gets the API's JSON 404 (aiohttp's static route answers an empty one)."""
+    root = directory.resolve()
+
+    async def serve(request: web.Request) -> web.StreamResponse:
+        name = request.match_info["filename"]
+        try:
+            path = (root / name).resolve()
+            found = path.is_relative_to(root) and path.is_file()
+        except (OSError, ValueError):  # a NUL in the name, a name too long
+            found = False
+        if not found:
+            raise HTTPJSONError(404, f"no file {name!r} under {prefix}/")
+        return web.FileResponse(path)
+
+    return web.get(prefix + "/{filename:.+}", serve)
 
 
 async def healthz(request: web.Request) -> web.Response:

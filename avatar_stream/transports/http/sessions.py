@@ -10,6 +10,7 @@ from typing import Any
 from aiohttp import web
 
 from avatar_stream.avatars.store import DEFAULT_ID
+from avatar_stream.config import IceServer
 from avatar_stream.core.session import Session
 from avatar_stream.core.speechinput import check_microphone
 from avatar_stream.core.turnstate import check_state
@@ -21,8 +22,8 @@ from avatar_stream.transports.http.auth import (
     passed_on,
     retry_after,
 )
-from avatar_stream.transports.http.body import read_json_object, read_limited
-from avatar_stream.transports.http.errors import HTTPJSONError, auth_error, json_error
+from avatar_stream.transports.http.body import read_json_object, read_text
+from avatar_stream.transports.http.errors import HTTPJSONError, auth_error
 from avatar_stream.transports.http.state import STATE, ServerState
 from avatar_stream.transports.webrtc.peer import OfferError, WebRTCPeer
 from avatar_stream.transports.webrtc.turn import session_ice_servers
@@ -69,14 +70,11 @@ async def _read_offer(request: web.Request) -> tuple[str, str | None, bool, str]
     """Returns (sdp, avatar id, whether the client speaks WHEP-style application/sdp,
     what its microphone is: ``core/speechinput.py``'s MICROPHONE_MODES)."""
     ctype = request.content_type
-    raw = await read_limited(request, MAX_OFFER_BYTES)
-    try:
-        body = raw.decode(request.charset or "utf-8")
-    except (UnicodeDecodeError, LookupError) as exc:
-        raise HTTPJSONError(400, f"the offer is not valid text: {exc}") from exc
+    body = await read_text(request, MAX_OFFER_BYTES, "the offer")
+    # the query's microphone, checked whatever the body (a JSON offer's own field wins)
+    microphone = microphone_mode(request.query.get("microphone", "speak"))
     if ctype == "application/sdp":
-        return body, request.query.get("avatar"), True, \
-            _microphone(request.query.get("microphone", "speak"))
+        return body, request.query.get("avatar"), True, microphone
     if ctype != "application/json":
         raise HTTPJSONError(415, "send the offer as application/json or application/sdp")
     try:
@@ -90,22 +88,25 @@ async def _read_offer(request: web.Request) -> tuple[str, str | None, bool, str]
     avatar = data.get("avatar")
     if avatar is not None and not isinstance(avatar, str):
         raise HTTPJSONError(400, "avatar must be an avatar id (a string)")
-    return data["sdp"], avatar, False, _microphone(data.get("microphone", "speak"))
+    return data["sdp"], avatar, False, microphone_mode(data.get("microphone", microphone))
 
 
-def _microphone(value: object) -> str:
+def microphone_mode(value: object) -> str:
     try:
         return check_microphone(value)
     except ValueError as exc:
         raise HTTPJSONError(400, str(exc)) from None
 
 
-async def create_session(request: web.Request) -> web.StreamResponse:
+async def admit(request: web.Request) -> web.StreamResponse | None:
+    """What every session creation checks before its offer is read: credentials (401) and
+    the per-address limit (429); with worker processes, a worker answers the request (its
+    answer is returned) or none has room (503)."""
     state = request.app[STATE]
     require_server(request)
     wait = state.creations.hit(client_ip(request, state.config.trust_forwarded_for))
     if wait:
-        return json_error(
+        raise HTTPJSONError(
             429, f"too many sessions created from this address (at most "
             f"{state.config.sessions_per_ip_per_minute} a minute)",
             **{"Retry-After": retry_after(wait)},
@@ -115,21 +116,29 @@ async def create_session(request: web.Request) -> web.StreamResponse:
         if response is not None:
             return response
         state.metrics.refused.inc()
-        return json_error(
-            503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
-        )
-    sdp, avatar_id, whep, microphone = await _read_offer(request)
+        raise _full(state)
+    return None
+
+
+def _full(state: ServerState) -> HTTPJSONError:
+    return HTTPJSONError(503, f"server full ({state.max_sessions} sessions)",
+                         **{"Retry-After": "5"})
+
+
+async def open_session(request: web.Request, sdp: str, avatar_id: str | None,
+                       microphone: str = "speak") -> tuple[Session, str, list[IceServer]]:
+    """A new session answering ``sdp``: (session, SDP answer, the ICE servers it was given,
+    with fresh TURN credentials). Raises HTTPJSONError 400 / 404 / 503."""
+    state = request.app[STATE]
     if not sdp.lstrip().startswith("v=0"):
-        return json_error(400, "invalid SDP offer: it must start with 'v=0'")
+        raise HTTPJSONError(400, "invalid SDP offer: it must start with 'v=0'")
     avatar = state.avatars.get(avatar_id or DEFAULT_ID)
     if avatar is None:
-        return json_error(404, f"unknown avatar {avatar_id!r}")
+        raise HTTPJSONError(404, f"unknown avatar {avatar_id!r}")
     if not state.has_capacity:
         if request.headers.get(FORWARDED) != "front":  # the front tries another worker
             state.metrics.refused.inc()
-        return json_error(
-            503, f"server full ({state.max_sessions} sessions)", **{"Retry-After": "5"}
-        )
+        raise _full(state)
     ice_servers = session_ice_servers(state.config)  # fresh TURN credentials
     assert state.engine is not None and state.worker is not None  # only a front has none
     session = Session(
@@ -143,7 +152,17 @@ async def create_session(request: web.Request) -> web.StreamResponse:
     try:
         answer = await WebRTCPeer(session).accept(sdp)
     except OfferError as exc:
-        return json_error(400, str(exc))
+        raise HTTPJSONError(400, str(exc)) from None
+    return session, answer, ice_servers
+
+
+async def create_session(request: web.Request) -> web.StreamResponse:
+    answered = await admit(request)
+    if answered is not None:
+        return answered
+    state = request.app[STATE]
+    sdp, avatar_id, whep, microphone = await _read_offer(request)
+    session, answer, ice_servers = await open_session(request, sdp, avatar_id, microphone)
     location = f"/v1/sessions/{session.id}"
     token, expires = state.guard.tokens.issue(session.id, state.token_ttl_s)
     if whep:
@@ -158,7 +177,7 @@ async def create_session(request: web.Request) -> web.StreamResponse:
             "session_id": session.id,
             "type": "answer",
             "sdp": answer,
-            "avatar": avatar.info(),
+            "avatar": session.avatar.info(),
             "ice_servers": [s.to_json() for s in ice_servers],
             "token": token,
             "token_expires_at": expires,

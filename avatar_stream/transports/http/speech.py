@@ -154,6 +154,9 @@ async def websocket(request: web.Request) -> web.StreamResponse:
     state = request.app[STATE]
     # aiohttp refuses a message of exactly max_msg_size: the limit itself must pass
     ws = web.WebSocketResponse(max_msg_size=state.config.max_ws_message_bytes + 1, heartbeat=30)
+    if not ws.can_prepare(request).ok:
+        raise HTTPJSONError(426, "this is the session's WebSocket: connect with an Upgrade: "
+                                 "websocket handshake", Upgrade="websocket")
     outbox: asyncio.Queue[Event | Message | None] = asyncio.Queue(maxsize=WS_OUTBOX)
     too_slow: list[bool] = []  # set once: the close for a stuck reader is under way
     write_task: asyncio.Task[None] | None = None

@@ -11,12 +11,14 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import re
 from collections.abc import Callable
 
 import av
-from aiortc import RTCPeerConnection, RTCSessionDescription
+from aiortc import RTCIceTransport, RTCPeerConnection, RTCSessionDescription
 from aiortc.mediastreams import MediaStreamError, MediaStreamTrack
 from aiortc.rtcdatachannel import RTCDataChannel
+from aiortc.sdp import candidate_from_sdp
 
 from avatar_stream import events
 from avatar_stream.audio.resample import Resampler, frame_to_mono
@@ -24,7 +26,12 @@ from avatar_stream.core.session import Session
 from avatar_stream.events import Event, Message
 from avatar_stream.transports.protocol import SpeechProtocol
 from avatar_stream.transports.webrtc.encoders import prefer_h264, use_avatar_encoders
-from avatar_stream.transports.webrtc.ice import filter_candidates, rtc_configuration
+from avatar_stream.transports.webrtc.ice import (
+    TrickleFragment,
+    candidate_allowed,
+    remote_offer,
+    rtc_configuration,
+)
 from avatar_stream.transports.webrtc.jitterbuffer import receive_audio_immediately
 from avatar_stream.transports.webrtc.tracks import TrackSink
 
@@ -33,6 +40,10 @@ log = logging.getLogger(__name__)
 
 class OfferError(ValueError):
     """The client's offer cannot start a session (HTTP 400)."""
+
+
+class IceRestartRefused(ValueError):
+    """Trickled candidates for new ICE credentials: an ICE restart, which aiortc cannot do."""
 
 
 class WebRTCPeer:
@@ -48,6 +59,9 @@ class WebRTCPeer:
         self.video, self.audio = self.sink.video, self.sink.audio
         self.channel: RTCDataChannel | None = None
         self._ready_sent = False
+        self.remote_ice: tuple[str | None, str | None] = (None, None)  # the offer's ufrag, pwd
+        self.usable_candidates = 0  # remote candidates handed to ICE (offered or trickled)
+        self._end_held = False  # the client's end-of-candidates, held until one is usable
         session.transport = self
         session.listeners.append(self._to_channel)
 
@@ -70,7 +84,10 @@ class WebRTCPeer:
             raise
 
     async def _accept(self, offer_sdp: str) -> str:
-        sdp = filter_candidates(offer_sdp, self.session.config.ice_host_addresses)
+        sdp, self.usable_candidates = remote_offer(offer_sdp,
+                                                   self.session.config.ice_host_addresses)
+        self._end_held = self.usable_candidates == 0 and "a=end-of-candidates" in offer_sdp
+        self.remote_ice = (_sdp_value(offer_sdp, "ice-ufrag"), _sdp_value(offer_sdp, "ice-pwd"))
         self._wire_events()  # "track" fires inside setRemoteDescription
         try:
             await self.pc.setRemoteDescription(RTCSessionDescription(sdp=sdp, type="offer"))
@@ -89,6 +106,57 @@ class WebRTCPeer:
         await self.pc.setLocalDescription(answer)
         use_avatar_encoders(self.pc)
         return self.pc.localDescription.sdp
+
+    @property
+    def local_ice_ufrag(self) -> str | None:
+        """This side's ICE username fragment: it names the ICE session (the WHEP ETag)."""
+        local = self.pc.localDescription
+        return _sdp_value(local.sdp, "ice-ufrag") if local else None
+
+    async def add_candidates(self, frag: TrickleFragment) -> int:
+        """Remote candidates trickled after the offer (and its end-of-candidates); returns how
+        many reached ICE. Candidates outside ``--ice-host-addresses`` are dropped as in the
+        offer, and end-of-candidates only reaches ICE once a usable candidate has (until
+        then ICE keeps learning the client's peer-reflexive candidates from its checks)."""
+        ufrag, pwd = self.remote_ice
+        if (frag.ufrag and frag.ufrag != ufrag) or (frag.pwd and frag.pwd != pwd):
+            raise IceRestartRefused(
+                "these candidates are for new ICE credentials (an ICE restart); this server "
+                "cannot restart ICE (aiortc does not support it): create a new session")
+        transports = self._ice_transports()
+        added = 0
+        for mid, index, value in frag.candidates:
+            if not candidate_allowed(value, self.session.config.ice_host_addresses):
+                continue
+            candidate = candidate_from_sdp(value.split(":", 1)[1])
+            candidate.sdpMid, candidate.sdpMLineIndex = mid, index
+            transport = transports.get(mid) or transports.get(index) or transports.get(None)
+            if transport is not None:
+                await transport.addRemoteCandidate(candidate)
+                added += 1
+        self.usable_candidates += added
+        if frag.end:
+            self._end_held = True
+        if self._end_held and self.usable_candidates:
+            self._end_held = False
+            for transport in set(transports.values()):
+                await transport.addRemoteCandidate(None)
+        return added
+
+    def _ice_transports(self) -> dict[str | int | None, RTCIceTransport]:
+        """Each media section's ICE transport by mid and by m-line index (None: the first;
+        bundled sections share one)."""
+        out: dict[str | int | None, RTCIceTransport] = {}
+        for i, transceiver in enumerate(self.pc.getTransceivers()):
+            transport = transceiver.receiver.transport.transport
+            out.setdefault(None, transport)
+            out.setdefault(i, transport)
+            if transceiver.mid is not None:
+                out[transceiver.mid] = transport
+        sctp = self.pc.sctp
+        if sctp is not None and sctp.mid is not None:
+            out[sctp.mid] = sctp.transport.transport
+        return out
 
     def _wire_events(self) -> None:
         pc, session = self.pc, self.session
@@ -170,6 +238,12 @@ class WebRTCPeer:
         self.sink.stop()
         with contextlib.suppress(Exception):
             await self.pc.close()
+
+
+def _sdp_value(sdp: str, attribute: str) -> str | None:
+    """The first ``a=<attribute>:<value>`` of an SDP."""
+    match = re.search(rf"^a={re.escape(attribute)}:(\S+)", sdp, re.MULTILINE)
+    return match.group(1) if match else None
 
 
 async def _drain(track: MediaStreamTrack) -> None:
