@@ -125,7 +125,8 @@ async def test_relay_example_carries_the_avatar_to_a_webrtc_visitor(server) -> N
     assert offsets[0] < offsets[1]
 
 
-@pytest.mark.parametrize("example", ["pipecat_avatar.py", "livekit_avatar.py"])
+@pytest.mark.parametrize("example", ["pipecat_avatar.py", "livekit_avatar.py",
+                                     "voice_assistant.py"])
 async def test_ctrl_c_ends_a_framework_example_waiting_for_typed_lines(server, example) -> None:
     """Ctrl-C while the example waits for the user to type a line (nothing said): it ends,
     cleanly and at once, without a line typed; the browser's session stays."""
