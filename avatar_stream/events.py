@@ -63,6 +63,11 @@ class _ErrorBase(TypedDict):
 
 class ErrorEvent(_ErrorBase, total=False):
     code: str  # an error kind (``errors.STATUS``) where a client can act on it
+    # a WebSocket / data channel chunk refused as ``queue_full``: its utterance, its byte
+    # offset since the utterance's ``start``, and the seconds until it would fit
+    utterance_id: str
+    offset: int
+    retry_after: float
 
 
 Event = Ready | SpeechStarted | SpeechFinished | StateChanged | SessionEnded | ErrorEvent
@@ -94,3 +99,12 @@ def error(message: str, code: str | None = None) -> ErrorEvent:
     if code is not None:
         event["code"] = code
     return event
+
+
+def queue_full(message: str, utterance_id: str, offset: int, retry_after: float) -> ErrorEvent:
+    """A binary chunk refused: the speech queue is full. The connection drops the rest of
+    the utterance's chunks until its next ``start``; resend from ``offset`` after
+    ``retry_after`` seconds."""
+    return {"type": "error", "message": message, "code": "queue_full",
+            "utterance_id": utterance_id, "offset": offset,
+            "retry_after": round(retry_after, 3)}

@@ -37,6 +37,7 @@ from livekit.agents.voice.io import PlaybackFinishedEvent
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tts_options import add_tts_options, tts_backend  # noqa: E402  (next to this file)
+from typed_lines import typed_lines  # noqa: E402
 
 from avatar_stream.integrations.livekit import AvatarSession, AvatarStreamTTS  # noqa: E402
 
@@ -63,34 +64,33 @@ async def main(args: argparse.Namespace) -> int:
 
     loop = asyncio.get_running_loop()
     speaking: list[object] = []
+    # the lines to say, then None: the end of stdin, or Ctrl-C while nothing is said
+    lines: asyncio.Queue[str | None] = typed_lines() if not args.text else asyncio.Queue()
 
     def on_sigint() -> None:
         if speaking:
             print("  interrupt", flush=True)
             session.interrupt()
         else:
-            raise KeyboardInterrupt
+            lines.put_nowait(None)
 
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGINT, on_sigint)
+    if args.text:
+        for text in args.text:
+            lines.put_nowait(text)
+        lines.put_nowait(None)
+    else:
+        print(f"driving session {args.session}; type a line (Ctrl-C while it speaks "
+              "interrupts)", flush=True)
     try:
-        lines = iter(args.text) if args.text else None
-        if lines is None:
-            print(f"driving session {args.session}; type a line (Ctrl-C while it speaks "
-                  "interrupts)", flush=True)
-        while True:
-            line = next(lines, None) if lines is not None else \
-                (await loop.run_in_executor(None, sys.stdin.readline)) or None
-            if line is None:
-                break
+        while (line := await lines.get()) is not None:
             if not line.strip():
                 continue
             handle = session.say(line.strip())
             speaking.append(handle)
             await handle  # until the avatar has said it (or was interrupted)
             speaking.clear()
-    except KeyboardInterrupt:
-        pass
     finally:
         await session.aclose()  # the avatar's link closes with it; the browser's session stays
     return 0

@@ -47,6 +47,7 @@ from pipecat.workers.runner import WorkerRunner
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
 from tts_options import add_tts_options, tts_backend  # noqa: E402  (next to this file)
+from typed_lines import typed_lines  # noqa: E402
 
 from avatar_stream.integrations.pipecat import (  # noqa: E402
     AvatarStreamSessionDriver,
@@ -86,11 +87,14 @@ async def main(args: argparse.Namespace) -> int:
     runner = WorkerRunner(handle_sigint=False)
     loop = asyncio.get_running_loop()
 
+    lines: asyncio.Queue[str | None] = typed_lines() if not args.text else asyncio.Queue()
+
     def on_sigint() -> None:
         if log.speaking:
             print("  barge-in", flush=True)
             loop.create_task(worker.queue_frame(InterruptionFrame()))
         else:
+            lines.put_nowait(None)  # the lines end: stop reading them
             loop.create_task(worker.cancel())
 
     with contextlib.suppress(NotImplementedError):
@@ -103,7 +107,7 @@ async def main(args: argparse.Namespace) -> int:
         else:
             print(f"driving session {args.session}; type a line (Ctrl-C while it speaks "
                   "barges in)", flush=True)
-            while line := await loop.run_in_executor(None, sys.stdin.readline):
+            while line := await lines.get():
                 if line.strip():
                     await worker.queue_frame(TTSSpeakFrame(line.strip()))
         await worker.queue_frame(EndFrame())  # ends once the avatar has said it all

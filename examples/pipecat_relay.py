@@ -98,9 +98,19 @@ class Bot:
         return web.Response(text=PAGE, content_type="text/html")
 
     async def offer(self, request: web.Request) -> web.Response:
-        body = await request.json()
+        try:
+            body = await request.json()
+        except ValueError:
+            body = None
+        if not isinstance(body, dict) or not isinstance(body.get("sdp"), str):
+            return web.json_response(
+                {"error": 'a JSON offer is needed: {"sdp": "...", "type": "offer"}'}, status=400)
         connection = SmallWebRTCConnection()
-        await connection.initialize(sdp=body["sdp"], type=body.get("type", "offer"))
+        try:
+            await connection.initialize(sdp=body["sdp"], type="offer")
+        except ValueError as exc:  # aiortc's word on an SDP it cannot use
+            await connection.disconnect()
+            return web.json_response({"error": f"unusable SDP offer: {exc}"}, status=400)
         task = asyncio.create_task(self.serve(connection))
         self.running.add(task)
         task.add_done_callback(self.running.discard)
@@ -118,8 +128,11 @@ class Bot:
             Pipeline([AvatarStreamTTSService(tts_backend(args)), avatar, transport.output()]),
             cancel_on_idle_timeout=False)
 
+        connected = asyncio.Event()
+
         @transport.event_handler("on_client_connected")
         async def greet(transport: Any, client: Any) -> None:
+            connected.set()
             print("visitor connected", flush=True)
             await worker.queue_frame(TTSSpeakFrame(args.greeting))
 
@@ -134,9 +147,24 @@ class Bot:
             print("visitor left", flush=True)
             await worker.cancel()
 
+        async def give_up_unless_connected() -> None:
+            """A visitor whose connection never comes up would hold its pipeline and its
+            avatar session for good: only a disconnect ends them otherwise."""
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(connected.wait(), args.connect_timeout)
+                return
+            print("visitor never connected", flush=True)
+            await worker.cancel()
+
         runner = WorkerRunner(handle_sigint=False)
         await runner.add_workers(worker)
-        await runner.run()
+        watch = asyncio.create_task(give_up_unless_connected())
+        try:
+            await runner.run()
+        finally:
+            watch.cancel()
+            if not connected.is_set():  # the transport closes only a connection that came up
+                await connection.disconnect()
 
 
 
@@ -176,6 +204,8 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--ice-host-addresses", type=lambda s: s.split(","),
                    help="offer ICE candidates only on these addresses (e.g. 127.0.0.1)")
     p.add_argument("--greeting", default="Hello! I am a Pipecat bot, and this is my face.")
+    p.add_argument("--connect-timeout", type=float, default=30.0,
+                   help="seconds a visitor's WebRTC connection may take to come up")
     add_tts_options(p)
     p.add_argument("--verbose", action="store_true", help="Pipecat's own debug log")
     return p.parse_args(argv)

@@ -40,6 +40,8 @@ import numpy as np
 # run from a checkout without installing: the package is next door
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))
 
+from typed_lines import typed_lines  # noqa: E402  (next to this file)
+
 from avatar_stream.audio.decode import decode_wav  # noqa: E402
 from avatar_stream.client.sessioncontrol import RequestError, SessionControl  # noqa: E402
 
@@ -125,40 +127,36 @@ async def main(args: argparse.Namespace) -> int:
         await control.connect()
     except RequestError as exc:
         raise SystemExit(f"cannot drive session {session}: {exc}") from None
-    hint = "" if args.text else "; type a line (Ctrl-C while it speaks barges in)"
-    print(f"driving session {session} (speech over {args.via}){hint}", flush=True)
-
     loop = asyncio.get_running_loop()
     speaking: asyncio.Task[Any] | None = None
+    lines: asyncio.Queue[str | None] = asyncio.Queue()
+    for line in args.text:
+        lines.put_nowait(line)
+    if args.text:
+        lines.put_nowait(None)
+    else:
+        lines = typed_lines()
 
     def on_interrupt() -> None:
         if speaking is not None and not speaking.done():
             print("  barge-in", flush=True)
             loop.create_task(control.interrupt())
         else:
-            raise KeyboardInterrupt
+            lines.put_nowait(None)  # the lines end: stop reading them, and the example
 
     with contextlib.suppress(NotImplementedError):
         loop.add_signal_handler(signal.SIGINT, on_interrupt)
+    hint = "" if args.text else "; type a line (Ctrl-C while it speaks barges in)"
+    print(f"driving session {session} (speech over {args.via}){hint}", flush=True)
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=120)) as http:
         try:
-            lines = iter(args.text) if args.text else None
             n = 0
-            while True:
-                if lines is not None:
-                    text = next(lines, None)
-                else:
-                    text = await loop.run_in_executor(None, sys.stdin.readline)
-                    text = text if text else None
-                if text is None:
-                    break
+            while (text := await lines.get()) is not None:
                 if not text.strip():
                     continue
                 n += 1
                 speaking = loop.create_task(speak(control, http, args, text.strip(), n))
                 await speaking
-        except KeyboardInterrupt:
-            pass
         finally:
             await control.close()
     return 0

@@ -448,6 +448,7 @@ class AvatarClient(SessionCalls):
 
     def interrupt(self) -> float:
         """Barge in over the data channel; returns when it was sent."""
+        self._sender.cut()
         self.send({"type": "interrupt"})
         return time.perf_counter()
 
@@ -478,7 +479,8 @@ class AvatarClient(SessionCalls):
         it; ``via="datachannel"`` streams it on the peer connection's ``control`` channel,
         pausing while more than 256 KB is buffered there. With ``end=False`` more pieces
         of the utterance may follow under the same id. Raises RequestError when refused
-        (429: the queue is full and nothing of this push was queued).
+        (over HTTP, 429: the queue is full and nothing of this push was queued; on the
+        data channel a full queue is waited out and the refused audio resent).
         """
         if via == "http":
             reply = await self.push_speech_http(audio, rate, utterance_id, end, channels)

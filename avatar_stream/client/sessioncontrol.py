@@ -15,6 +15,7 @@ import asyncio
 import contextlib
 import json
 import time
+from collections import deque
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -27,6 +28,13 @@ from avatar_stream.events import Message
 Audio = np.ndarray | bytes
 CHUNK_BYTES = 16 * 1024  # per binary message: safe for every SCTP stack, small for a WebSocket
 ACK_TIMEOUT_S = 15.0
+# speech sent and not yet known to be queued is kept to resend (the queue may refuse it);
+# a ping after this much tells when the server has taken it all
+CHECKPOINT_BYTES = 256 * 1024
+# a full queue: wait what the server says it takes to have room, plus a margin (room for
+# more than the one chunk), at most MAX_RESUME_S (a refused utterance stays open that long
+# past --utterance-idle-end's default); give up when nothing of it is taken for GIVE_UP_S
+RESUME_MARGIN_S, MAX_RESUME_S, GIVE_UP_S = 0.25, 0.5, 30.0
 
 
 class RequestError(RuntimeError):
@@ -102,6 +110,7 @@ class EventHub:
 
     def __init__(self) -> None:
         self._subscribers: list[asyncio.Queue[Message | None]] = []
+        self.finished = False  # the session or the connection ended: no more events
 
     def publish(self, event: Message) -> None:
         for q in list(self._subscribers):
@@ -109,19 +118,29 @@ class EventHub:
                 q.put_nowait(dict(event))
 
     def finish(self) -> None:
+        self.finished = True
         for q in list(self._subscribers):
             with contextlib.suppress(asyncio.QueueFull):
                 q.put_nowait(None)
 
-    async def events(self, maxsize: int = 1000) -> AsyncIterator[Message]:
-        """Events from now on, until the session or connection ends."""
+    def events(self, maxsize: int = 1000) -> AsyncIterator[Message]:
+        """Events from now on, until the session or connection ends (at once if it has).
+        Subscribed when called, not when first iterated: nothing published in between is
+        missed. Iterate it to its end or ``aclose()`` it."""
         q: asyncio.Queue[Message | None] = asyncio.Queue(maxsize)
-        self._subscribers.append(q)
+        if self.finished:
+            q.put_nowait(None)
+        else:
+            self._subscribers.append(q)
+        return self._drain(q)
+
+    async def _drain(self, q: asyncio.Queue[Message | None]) -> AsyncIterator[Message]:
         try:
             while (event := await q.get()) is not None:
                 yield event
         finally:
-            self._subscribers.remove(q)
+            with contextlib.suppress(ValueError):
+                self._subscribers.remove(q)
 
 
 # -- the speech protocol on a message channel -----------------------------------------------
@@ -130,6 +149,15 @@ class EventHub:
 class SpeechSender:
     """Sends one utterance as ``start``, binary PCM16 chunks, ``end`` and waits for the
     server's ``ack`` of the end, raising the first error the server reported meanwhile.
+
+    A chunk the server refuses because the session's speech queue is full (its error
+    names the utterance, the chunk's byte ``offset`` since the start, and ``retry_after``)
+    is not lost: the server drops the rest of the utterance's chunks until it is started
+    again, and this sender waits a moment (it speaks at real time meanwhile), starts it
+    again and resends from that chunk. So a reply longer than the queue is spoken whole,
+    and sending waits while the queue is full (back-pressure). Until the server is known
+    to have taken them (a ``ping``'s ``pong`` after them), the chunks sent are kept: at
+    most about CHECKPOINT_BYTES and what is in flight.
 
     ``send_text`` / ``send_bytes`` write one message; ``drain`` waits while the channel
     has too much buffered (the data channel's ``bufferedAmount``), so a long utterance
@@ -148,33 +176,42 @@ class SpeechSender:
         self._lock = asyncio.Lock()  # one utterance at a time on a channel
         self._replies: asyncio.Queue[Message] = asyncio.Queue()
         self._open: tuple[str, int, int] | None = None  # the utterance the channel has open
+        self._starts = 0  # starts sent: a pong's checkpoint counts only for the same start
+        self._sent = 0  # bytes of the open utterance since its start
+        self._kept: deque[tuple[int, bytes]] = deque()  # (offset, chunk) not known taken
+        self._unchecked = 0  # bytes sent since the last ping
+        self._checkpoints: deque[tuple[int, int]] = deque()  # (start, offset) per ping out
+        self._refused: Message | None = None  # the open utterance's refused chunk
+        self._stuck_since: float | None = None  # refused at its start since, no progress
+        self._cut: str | None = None  # the utterance a barge-in cut: nothing of it resent
+        self._woken = asyncio.Event()
 
     def on_message(self, event: Message) -> None:
-        """Feed every event the channel receives (acks and errors are picked out)."""
-        if event.get("type") in ("ack", "error"):
+        """Feed every event the channel receives (acks, pongs and errors are picked out)."""
+        if event.get("type") in ("ack", "error", "pong"):
             self._replies.put_nowait(event)
+
+    def cut(self) -> None:
+        """A barge-in went out: the open utterance is over at the server, so nothing of it
+        is resent (a wait for room ends at once)."""
+        if self._open is not None:
+            self._cut = self._open[0]
+        self._woken.set()
 
     async def send(
         self, pcm16: bytes, rate: int, channels: int, utterance_id: str | None, end: bool
     ) -> str:
         async with self._lock:
-            self._raise_pending()  # what the server said about earlier pieces
+            await self._settle()  # what the server said about earlier pieces
             if self._open is None or utterance_id is None or \
                     self._open != (utterance_id, rate, channels):
-                # a new utterance (or a new format): start it; a further piece of the open
-                # one needs no start
-                start: Message = {"type": "start", "sample_rate": rate, "channels": channels}
-                if utterance_id is not None:
-                    start["utterance_id"] = utterance_id
-                await self.send_text(json.dumps(start))
-                ack = await self._reply("start")
-                self._open = (str(ack["utterance_id"]), rate, channels)
+                # a new utterance (or a new format): start it, once the server has all of
+                # the open one (a new start ends it); a further piece needs no start
+                await self._settle(barrier=True)
+                await self._start(utterance_id, rate, channels)
+            assert self._open is not None
             uid = self._open[0]
-            step = CHUNK_BYTES - CHUNK_BYTES % (2 * channels)
-            for i in range(0, len(pcm16), step):
-                if self.drain is not None:
-                    await self.drain()
-                await self.send_bytes(pcm16[i : i + step])
+            await self._send_audio(pcm16, channels)
             if end:
                 await self._end(uid)
             return uid
@@ -182,13 +219,117 @@ class SpeechSender:
     async def end(self, utterance_id: str) -> None:
         """End an utterance on this channel, after the audio already sent on it."""
         async with self._lock:
+            await self._settle()
             await self._end(utterance_id)
+
+    async def _start(self, utterance_id: str | None, rate: int, channels: int) -> None:
+        start: Message = {"type": "start", "sample_rate": rate, "channels": channels}
+        if utterance_id is not None:
+            start["utterance_id"] = utterance_id
+        self._open, self._refused = None, None
+        self._sent, self._unchecked = 0, 0
+        self._kept.clear()
+        self._starts += 1
+        await self.send_text(json.dumps(start))
+        ack = await self._reply("start")
+        self._open = (str(ack["utterance_id"]), rate, channels)
+        self._cut = None
+
+    async def _send_audio(self, pcm16: bytes, channels: int) -> None:
+        step = CHUNK_BYTES - CHUNK_BYTES % (2 * channels)
+        for i in range(0, len(pcm16), step):
+            chunk = pcm16[i : i + step]
+            if self.drain is not None:
+                await self.drain()
+            await self.send_bytes(chunk)
+            self._kept.append((self._sent, chunk))
+            self._sent += len(chunk)
+            self._unchecked += len(chunk)
+        if self._unchecked >= CHECKPOINT_BYTES:
+            await self._ping()
 
     async def _end(self, utterance_id: str) -> None:
         if self._open is not None and self._open[0] == utterance_id:
+            await self._settle(barrier=True)  # all of it taken before the end closes it
             self._open = None
+            self._kept.clear()
         await self.send_text(json.dumps({"type": "end", "utterance_id": utterance_id}))
         await self._reply("end")
+
+    async def _ping(self) -> None:
+        await self.send_text(json.dumps({"type": "ping"}))
+        self._checkpoints.append((self._starts, self._sent))
+        self._unchecked = 0
+
+    async def _settle(self, barrier: bool = False) -> None:
+        """Take the server's replies so far: pongs free kept chunks, a refused chunk is
+        waited out and resent (until the server has taken all of it), another error is
+        raised. With ``barrier``, first until the server has taken everything sent."""
+        while True:
+            pongs = 0
+            if barrier and self._open is not None and self._kept and \
+                    self._cut != self._open[0]:
+                await self._ping()
+                pongs = len(self._checkpoints)  # ours is the last of them to come back
+            while pongs or not self._replies.empty():
+                event = await self._next_reply() if pongs else self._replies.get_nowait()
+                if self._take(event) and pongs:
+                    pongs -= 1
+            if self._refused is None:
+                self._stuck_since = None
+                return
+            await self._resume()
+            barrier = True  # the resent audio is taken before anything new goes
+
+    def _take(self, event: Message) -> bool:
+        """One reply that no ``_reply`` waits for; True if it was a pong."""
+        if event["type"] == "pong":
+            if self._checkpoints:
+                starts, offset = self._checkpoints.popleft()
+                if starts == self._starts and self._refused is None:
+                    while self._kept and self._kept[0][0] < offset:
+                        self._kept.popleft()  # the server has taken it
+            return True
+        if event["type"] == "error":
+            if event.get("code") == "queue_full" and "offset" in event:
+                if self._open is not None and event.get("utterance_id") == self._open[0] \
+                        and self._refused is None:
+                    self._refused = event
+                return False  # else: of an utterance that is over, nothing to resend
+            raise RequestError(0, f"{event.get('code')}: {event.get('message')}")
+        return False
+
+    async def _resume(self) -> None:
+        """The server refused a chunk of the open utterance (the queue was full) and
+        dropped what followed: wait for room, start it again, resend from that chunk."""
+        refused, self._refused = self._refused, None
+        assert refused is not None and self._open is not None
+        uid, rate, channels = self._open
+        offset = int(refused["offset"])
+        now = time.monotonic()
+        if offset > 0 or self._stuck_since is None:
+            self._stuck_since = now
+        elif now - self._stuck_since > GIVE_UP_S:  # the queue has not moved: give up
+            self._stuck_since = None
+            raise RequestError(0, f"queue_full: {refused.get('message')}")
+        wait = min(float(refused.get("retry_after") or 0.0) + RESUME_MARGIN_S, MAX_RESUME_S)
+        self._woken.clear()
+        if self._cut != uid:
+            with contextlib.suppress(asyncio.TimeoutError):
+                await asyncio.wait_for(self._woken.wait(), wait)
+        if self._cut == uid:  # a barge-in cut it meanwhile: nothing of it is wanted
+            self._open = None
+            self._kept.clear()
+            return
+        tail = b"".join(chunk for at, chunk in self._kept if at >= offset)
+        await self._start(uid, rate, channels)
+        await self._send_audio(tail, channels)
+
+    async def _next_reply(self) -> Message:
+        try:
+            return await asyncio.wait_for(self._replies.get(), ACK_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            raise RequestError(0, "no answer from the server") from None
 
     async def _reply(self, of: str) -> Message:
         deadline = time.monotonic() + ACK_TIMEOUT_S
@@ -196,17 +337,14 @@ class SpeechSender:
             left = deadline - time.monotonic()
             if left <= 0:
                 raise RequestError(0, f"no acknowledgement of {of!r} from the server")
-            event = await asyncio.wait_for(self._replies.get(), left)
-            if event["type"] == "error":
-                raise RequestError(0, f"{event.get('code')}: {event.get('message')}")
-            if event.get("of") == of:
+            try:
+                event = await asyncio.wait_for(self._replies.get(), left)
+            except asyncio.TimeoutError:
+                raise RequestError(0, f"no acknowledgement of {of!r} from the server") \
+                    from None
+            if event["type"] == "ack" and event.get("of") == of:
                 return event
-
-    def _raise_pending(self) -> None:
-        while not self._replies.empty():
-            event = self._replies.get_nowait()
-            if event["type"] == "error":
-                raise RequestError(0, f"{event.get('code')}: {event.get('message')}")
+            self._take(event)  # raises the error that answers it
 
 
 # -- HTTP calls on one session ----------------------------------------------------------------
@@ -377,7 +515,9 @@ class SessionControl(SessionCalls):
     ) -> str:
         """Queue speech (numpy: float in [-1, 1] or int16, (n,) or (n, channels); bytes:
         PCM16 or a WAV file) at any ``rate``; returns the utterance id. With ``end=False``
-        more pieces of the same utterance may follow (pass the id back)."""
+        more pieces of the same utterance may follow (pass the id back). Over the
+        WebSocket a full speech queue is waited out (the refused audio is resent); over
+        HTTP it is a RequestError (429)."""
         if via == "http":
             reply = await self.push_speech_http(audio, rate, utterance_id, end, channels)
             return str(reply["utterance_id"])
@@ -396,6 +536,8 @@ class SessionControl(SessionCalls):
 
     async def interrupt(self) -> None:
         """Barge in (over the WebSocket when open, else HTTP)."""
+        if self._sender is not None:
+            self._sender.cut()
         if self.connected and self._ws is not None:
             await self._ws.send_str(json.dumps({"type": "interrupt"}))
         else:

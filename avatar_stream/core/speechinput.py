@@ -124,6 +124,13 @@ class SpeechInput:
                 raise SpeechError("utterance_closed", f"utterance {utterance_id!r} was interrupted")
             return self._commit(utterance_id, out, end)
 
+    def touch(self, utterance_id: str) -> None:
+        """The sender of an open utterance is still at it (its audio waits for room): the
+        idle end counts from now."""
+        utt = self._open.get(utterance_id)
+        if utt is not None:
+            utt.last_audio = time.monotonic()
+
     def end(self, utterance_id: str) -> bool:
         """No more audio for this utterance; False if it was not open."""
         utt = self._open.get(utterance_id)

@@ -49,6 +49,8 @@ class AvatarStreamAudioOutput(AudioOutput):
     def __init__(self, link: Link, *, label: str = "avatar-stream") -> None:
         super().__init__(label=label, capabilities=AudioOutputCapabilities(pause=False),
                          next_in_chain=None, sample_rate=None)
+        # a session that ends under the agent is logged (by the sender); the agent goes
+        # on, each segment reported finished (interrupted) at once
         self._sender = SegmentSender(link, on_started=self._started, on_finished=self._finished)
         self._segment: Segment | None = None  # the segment being captured
         self._cut = False  # it was cleared mid-capture: its frames go nowhere until flush
@@ -58,7 +60,8 @@ class AvatarStreamAudioOutput(AudioOutput):
         await self._sender.start()
 
     async def aclose(self) -> None:
-        """Segments not yet finished are reported finished (interrupted) now."""
+        """Segments not yet finished are cut at the server (the avatar stops saying them)
+        and reported finished (interrupted) now."""
         await self._sender.close()
 
     async def capture_frame(self, frame: rtc.AudioFrame) -> None:

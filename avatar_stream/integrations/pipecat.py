@@ -67,10 +67,16 @@ __all__ = ["AvatarStreamSessionDriver", "AvatarStreamTTSService", "AvatarStreamV
 BOT_SPEAKING_PERIOD_S = 0.2  # how often Pipecat's output transport says the bot still speaks
 # on a graceful EndFrame, how long the avatar may take to finish what it was given
 DRAIN_TIMEOUT_S = 60.0
-# the relay: the last frame's media arrives about one jitter buffer after its
-# speech.finished (which leaves the server with the frame); wait for it before the EndFrame
-MEDIA_TAIL_S = 0.3
-# received frames waiting to go downstream, per kind: about 1 s; the oldest go first
+# the relay, on a graceful end: a speech.finished leaves the server with its frame, but on
+# the data channel, while the frame's media still crosses the encoder, the network and the
+# jitter buffer; nothing in the media marks the last frame of an utterance. So the relay
+# waits until this much more of the avatar's audio has arrived after the last
+# speech.finished (what is in flight behind an event: well under it on loopback), counted
+# in media rather than time (a loaded process receives late, it does not lose it), then
+# for the lanes to have pushed it all; MEDIA_TAIL_TIMEOUT_S at most (the media stopped)
+MEDIA_TAIL_S, MEDIA_TAIL_TIMEOUT_S = 0.3, 2.0
+# received frames waiting to go downstream, per kind: 1 s (25 x 40 ms, 50 x 20 ms); the
+# oldest go first
 VIDEO_QUEUE, AUDIO_QUEUE = 25, 50
 
 
@@ -103,7 +109,7 @@ class _AvatarSpeechProcessor(AIService):
         link = await self._connect()
         self._link = link
         self._sender = SegmentSender(link, on_started=self._on_started,
-                                     on_finished=self._on_finished)
+                                     on_finished=self._on_finished, on_gone=self._on_gone)
         await self._sender.start()
         if self._use_turn_states:
             self._turns = TurnStates(link)
@@ -229,6 +235,12 @@ class _AvatarSpeechProcessor(AIService):
             if self._running:
                 await self.broadcast_frame(BotStoppedSpeakingFrame)
 
+    async def _on_gone(self, reason: str) -> None:
+        """The avatar session ended under the pipeline: the bot goes on, unseen; tell the
+        application (a non-fatal error: what to do about it is its call)."""
+        if self._running:
+            await self.push_error(f"avatar-stream: {reason}; the avatar no longer speaks")
+
     async def _tick(self) -> None:
         while True:
             await asyncio.sleep(BOT_SPEAKING_PERIOD_S)
@@ -282,6 +294,8 @@ class AvatarStreamVideoService(_AvatarSpeechProcessor):
         self._lanes: dict[str, _Lane] = {"video": _Lane(VIDEO_QUEUE, self._image),
                                          "audio": _Lane(AUDIO_QUEUE, self._voice)}
         self._executor: ThreadPoolExecutor | None = None  # RGB conversion, off the loop
+        self._audio_s = 0.0  # seconds of the avatar's audio received
+        self._tail: tuple[float, asyncio.Event] | None = None  # wanted by then, arrived
 
     @property
     def client(self) -> AvatarClient | None:
@@ -306,6 +320,10 @@ class AvatarStreamVideoService(_AvatarSpeechProcessor):
         return client
 
     def _on_media(self, frame: av.VideoFrame | av.AudioFrame, arrived: float) -> None:
+        if isinstance(frame, av.AudioFrame) and frame.sample_rate:
+            self._audio_s += frame.samples / frame.sample_rate
+            if self._tail is not None and self._audio_s >= self._tail[0]:
+                self._tail[1].set()
         if self._running:
             self._lanes["video" if isinstance(frame, av.VideoFrame) else "audio"].put(frame)
 
@@ -323,7 +341,22 @@ class AvatarStreamVideoService(_AvatarSpeechProcessor):
             await self.push_frame(frame)
 
     async def _after_drain(self) -> None:
-        await asyncio.sleep(MEDIA_TAIL_S)
+        """The last frames' media, received and pushed down (see MEDIA_TAIL_S)."""
+        arrived = asyncio.Event()
+        self._tail = (self._audio_s + MEDIA_TAIL_S, arrived)
+
+        async def tail() -> None:
+            await arrived.wait()
+            for lane in self._lanes.values():
+                await lane.idle.wait()
+
+        try:
+            await asyncio.wait_for(tail(), MEDIA_TAIL_TIMEOUT_S)
+        except asyncio.TimeoutError:
+            log.warning("%s: the avatar's last media had not all arrived %.1f s after it "
+                        "finished speaking", self, MEDIA_TAIL_TIMEOUT_S)
+        finally:
+            self._tail = None
 
     async def _close_link(self, link: Link) -> None:
         for lane in self._lanes.values():
@@ -332,9 +365,9 @@ class AvatarStreamVideoService(_AvatarSpeechProcessor):
                 await self.cancel_task(task)
             lane.frames.clear()
         await link.close()  # the session ends with it
-        if self._executor is not None:
+        if self._executor is not None:  # a conversion may be running: wait off the loop
             executor, self._executor = self._executor, None
-            executor.shutdown(wait=True)
+            await asyncio.to_thread(executor.shutdown, True, cancel_futures=True)
 
 
 class AvatarStreamSessionDriver(_AvatarSpeechProcessor):
@@ -402,11 +435,14 @@ class _Lane:
     def __init__(self, size: int, convert: Callable[[Any], Awaitable[Frame]]) -> None:
         self.frames: deque[Any] = deque(maxlen=size)
         self.ready = asyncio.Event()
+        self.idle = asyncio.Event()  # everything put has been pushed
+        self.idle.set()
         self.convert = convert
         self.task: asyncio.Task[None] | None = None
 
     def put(self, frame: object) -> None:
         self.frames.append(frame)
+        self.idle.clear()
         self.ready.set()
 
     async def run(self, push: Callable[[Frame], Awaitable[None]]) -> None:
@@ -415,6 +451,7 @@ class _Lane:
             self.ready.clear()
             while self.frames:
                 await push(await self.convert(self.frames.popleft()))
+            self.idle.set()
 
 
 def _rgb_bytes(frame: av.VideoFrame) -> bytes:

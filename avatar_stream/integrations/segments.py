@@ -18,10 +18,12 @@ import contextlib
 import inspect
 import itertools
 import logging
+import secrets
 import time
 from collections import deque
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from typing import Any
 
 from avatar_stream import events
 from avatar_stream.client.avatarclient import AvatarClient
@@ -34,10 +36,26 @@ log = logging.getLogger(__name__)
 Link = AvatarClient | SessionControl
 OnStarted = Callable[["Segment"], Awaitable[None] | None]
 OnFinished = Callable[["Segment", float, bool], Awaitable[None] | None]
+OnGone = Callable[[str], Awaitable[None] | None]
+_Op = tuple[str, "Segment", bytes, int, int]  # ("audio" | "end", segment, pcm16, rate, channels)
 
 # a barge-in's speech.finished comes back in one round trip; past this the segment is
 # reported finished without it (the server never heard of it, or the session is gone)
 FINISH_TIMEOUT_S = 2.0
+# on close, how long the barge-in that silences unfinished segments may take to go out
+CLOSE_TIMEOUT_S = 1.0
+# a preferred id (a TTS context id) longer than this gets a generated one: room for the
+# suffix that makes a reused one unique
+MAX_PREFERRED_ID = MAX_UTTERANCE_ID - 24
+
+
+async def call(function: Callable[..., Any], *args: object) -> Any:
+    """``function(*args)``, awaited if it returned an awaitable: a framework's callbacks
+    and a link's methods may be plain functions or coroutine functions."""
+    result = function(*args)
+    if inspect.isawaitable(result):
+        return await result
+    return result
 
 
 @dataclass(eq=False)
@@ -62,9 +80,13 @@ class SegmentSender:
     """Segments into one session: ``open()``, ``audio()`` ..., ``end()``; ``interrupt()``.
 
     ``on_started(segment)`` runs when the segment's first frame leaves the server;
-    ``on_finished(segment, position_s, interrupted)`` exactly once per segment opened.
-    Either may be a coroutine function. ``max_queued``: messages waiting to be sent before
-    ``audio()`` waits (the framework's back-pressure).
+    ``on_finished(segment, position_s, interrupted)`` exactly once per segment opened, even
+    one the server refused or one opened after the session ended (at once, interrupted);
+    ``on_gone(reason)`` once, when the session's events end before ``close()`` (the session
+    ended, or the connection to it was lost). Each may be a coroutine function.
+    ``max_queued``: messages waiting to be sent before ``audio()`` waits (the framework's
+    back-pressure). Generated utterance ids carry a random tag of this sender's, so two
+    senders on one session (two drivers, a restarted agent) never share one.
     """
 
     def __init__(
@@ -73,20 +95,29 @@ class SegmentSender:
         *,
         on_started: OnStarted | None = None,
         on_finished: OnFinished | None = None,
+        on_gone: OnGone | None = None,
         max_queued: int = 64,
         finish_timeout_s: float = FINISH_TIMEOUT_S,
+        close_timeout_s: float = CLOSE_TIMEOUT_S,
     ) -> None:
         self.link = link
         self.via = "datachannel" if isinstance(link, AvatarClient) else "ws"
         self.on_started = on_started
         self.on_finished = on_finished
+        self.on_gone = on_gone
+        self.max_queued = max_queued
         self.finish_timeout_s = finish_timeout_s
+        self.close_timeout_s = close_timeout_s
         self.segments: dict[str, Segment] = {}  # opened, not yet finished
-        self._ops: asyncio.Queue[tuple[str, Segment, bytes, int, int]] = \
-            asyncio.Queue(max_queued)
+        self.gone: str | None = None  # why nothing more reaches the session (ended, closed)
+        self._ops: deque[_Op] = deque()  # at most max_queued, sent in order by one task
+        self._has_ops = asyncio.Event()
+        self._space = asyncio.Event()
+        self._space.set()
         self._recent: deque[str] = deque(maxlen=1024)  # ids the session may still know
+        self._tag = secrets.token_hex(3)
         self._ids = itertools.count(1)
-        self._interrupting: asyncio.Task[None] | None = None
+        self._interrupting: asyncio.Task[None] | None = None  # the latest barge-in's send
         self._tasks: set[asyncio.Task[None]] = set()
         self._idle = asyncio.Event()
         self._idle.set()
@@ -94,33 +125,37 @@ class SegmentSender:
 
     async def start(self) -> None:
         """Start sending, and listening to the session's events (before any speech)."""
-        self._spawn(self._read_events())
+        self._spawn(self._read_events(self.link.events()))  # subscribed here, at once
         self._spawn(self._send())
-        await asyncio.sleep(0)  # the reader subscribes to the events before anything is sent
 
     # -- the framework's side ---------------------------------------------------------
 
     def open(self, preferred_id: str | None = None) -> Segment:
         """A new segment; its id is ``preferred_id`` (a TTS context id) if the session has
-        not seen it yet, else one made unique."""
-        base = preferred_id if preferred_id and len(preferred_id) <= MAX_UTTERANCE_ID - 8 \
-            and preferred_id.isprintable() else "segment"
-        uid = base if preferred_id == base else f"{base}-{next(self._ids)}"
-        while uid in self.segments or uid in self._recent:
-            uid = f"{base}-{next(self._ids)}"
+        not seen it yet, else one made unique. Once the session is gone (or the sender
+        closed), the segment finishes at once, interrupted at 0."""
+        preferred = preferred_id if preferred_id and len(preferred_id) <= MAX_PREFERRED_ID \
+            and preferred_id.isprintable() else None
+        uid = preferred
+        while uid is None or uid in self.segments or uid in self._recent:
+            uid = f"{preferred or 'segment'}-{self._tag}-{next(self._ids)}"
         segment = Segment(uid)
         self.segments[uid] = segment
         self._recent.append(uid)
         self._idle.clear()
+        if self.gone is not None:  # nothing will ever play it
+            self._spawn(self._finish(segment, 0.0, True))
         return segment
 
     async def audio(self, segment: Segment, pcm16: bytes, rate: int, channels: int = 1) -> None:
         """Queue PCM16 (little-endian, interleaved) of the segment; waits while the queue is
-        full. Audio of a segment that was cut or has finished is dropped."""
+        full. Audio of a segment that was cut or has finished is dropped; once the session
+        is gone the segment finishes (interrupted) instead of waiting."""
         if not pcm16 or not self._live(segment) or segment.ended:
             return
         segment.queued = True
-        await self._ops.put(("audio", segment, pcm16, rate, channels))
+        if not await self._put(("audio", segment, pcm16, rate, channels)):
+            await self._finish(segment, segment.played_estimate(), True)
 
     async def end(self, segment: Segment) -> None:
         """No more audio for the segment: it plays out, then finishes."""
@@ -128,23 +163,25 @@ class SegmentSender:
             segment.ended = True
             return
         segment.ended = True
-        if not segment.queued:  # nothing to play: it is over already
+        if self.gone is not None:
+            await self._finish(segment, segment.played_estimate(), True)
+        elif not segment.queued:  # nothing to play: it is over already
             await self._finish(segment, 0.0, False)
-            return
-        await self._ops.put(("end", segment, b"", 0, 0))
+        elif not await self._put(("end", segment, b"", 0, 0)):
+            await self._finish(segment, segment.played_estimate(), True)
 
     def interrupt(self) -> list[Segment]:
         """Barge in: every unfinished segment is cut (the server drops what it queued and
         fades out); returns them. Nothing is sent when nothing is unfinished."""
         cut = [s for s in self.segments.values() if s.cut_at is None]
-        if not cut or self._closed:
+        if not cut or self.gone is not None:
             return []
         now = time.monotonic()
         for segment in cut:
             segment.cut_at = now
-        while not self._ops.empty():  # what was not sent yet never will be
-            self._ops.get_nowait()
-        self._interrupting = asyncio.create_task(self._send_interrupt())
+        self._ops.clear()  # what was not sent yet never will be
+        self._space.set()
+        self._interrupting = self._spawn(self._send_interrupt(self._interrupting))
         self._spawn(self._expire(cut))
         return cut
 
@@ -155,9 +192,22 @@ class SegmentSender:
         return not self.segments
 
     async def close(self) -> None:
-        """Stop; segments not yet finished finish now, as interrupted."""
+        """Stop. Segments not yet finished are cut at the server (best effort, within
+        ``close_timeout_s``: the avatar stops saying them) and finish now, interrupted."""
+        if self._closed:
+            return
         self._closed = True
-        tasks = list(self._tasks) + ([self._interrupting] if self._interrupting else [])
+        speaking = self.gone is None and any(
+            s.cut_at is None and s.queued for s in self.segments.values())
+        self.gone = self.gone or "the sender closed"
+        self._ops.clear()
+        self._space.set()  # audio() waiting for room returns
+        if speaking:
+            try:
+                await asyncio.wait_for(call(self.link.interrupt), self.close_timeout_s)
+            except Exception as exc:  # a timeout included
+                log.warning("avatar session not told to stop speaking: %r", exc)
+        tasks = list(self._tasks)
         for task in tasks:
             task.cancel()
         for task in tasks:
@@ -170,25 +220,42 @@ class SegmentSender:
     def _live(self, segment: Segment) -> bool:
         return segment.cut_at is None and self.segments.get(segment.id) is segment
 
-    def _spawn(self, coro: Awaitable[None]) -> None:
+    def _spawn(self, coro: Awaitable[None]) -> asyncio.Task[None]:
         task = asyncio.ensure_future(coro)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        return task
 
-    async def _send_interrupt(self) -> None:
+    async def _put(self, op: _Op) -> bool:
+        """Queue one message for the sending task; False (nothing queued) once the session
+        is gone, even while waiting for room."""
+        while len(self._ops) >= self.max_queued and self.gone is None:
+            self._space.clear()
+            await self._space.wait()
+        if self.gone is not None:
+            return False
+        self._ops.append(op)
+        self._has_ops.set()
+        return True
+
+    async def _send_interrupt(self, before: asyncio.Task[None] | None) -> None:
+        if before is not None:  # each barge-in's send waits for the one before it
+            await asyncio.wait([before])
         try:
-            result = self.link.interrupt()
-            if inspect.isawaitable(result):
-                await result
+            await call(self.link.interrupt)
         except Exception as exc:  # the events (or the timeout) finish the segments anyway
             log.warning("barge-in not sent to the avatar session: %s", exc)
 
     async def _send(self) -> None:
         """The one task that sends: segments' audio and ends, in order."""
         while True:
-            kind, segment, pcm16, rate, channels = await self._ops.get()
+            while not self._ops:
+                self._has_ops.clear()
+                await self._has_ops.wait()
+            kind, segment, pcm16, rate, channels = self._ops.popleft()
+            self._space.set()
             if self._interrupting is not None:  # a barge-in goes before anything after it
-                await asyncio.shield(self._interrupting)
+                await asyncio.wait([self._interrupting])
             if not self._live(segment):
                 continue
             try:
@@ -200,19 +267,20 @@ class SegmentSender:
                     await self.link.end_utterance(segment.id, via=self.via)
             except asyncio.CancelledError:
                 raise
-            except Exception as exc:  # one refused message must not stop the rest
-                log.warning("avatar session refused %s of segment %s: %s", kind, segment.id,
-                            exc)
+            except Exception as exc:  # the rest goes on; this segment will never play out
+                log.warning("avatar session refused %s of segment %s (%s): reported "
+                            "finished, interrupted", kind, segment.id, exc)
+                await self._finish(segment, segment.played_estimate(), True)
 
-    async def _read_events(self) -> None:
-        async for event in self.link.events():
+    async def _read_events(self, stream: AsyncIterator[Message]) -> None:
+        async for event in stream:
             await self._on_event(event)
-        await self._finish_all()  # the session, or our connection to it, is gone
+        await self._went("the connection to the avatar session closed")
 
     async def _on_event(self, event: Message) -> None:
         kind = event.get("type")
         if kind == events.SESSION_ENDED:
-            await self._finish_all()
+            await self._went(f"the avatar session ended ({event.get('reason')})")
             return
         segment = self.segments.get(str(event.get("utterance_id")))
         if segment is None:
@@ -220,7 +288,7 @@ class SegmentSender:
         if kind == events.SPEECH_STARTED and segment.started_at is None:
             segment.started_at = time.time()
             if self.on_started is not None:
-                await _call(self.on_started, segment)
+                await _notify(self.on_started, segment)
         elif kind == events.SPEECH_FINISHED:
             if not segment.ended and not event.get("interrupted"):
                 # the server ended it after --utterance-idle-end without audio: what
@@ -230,6 +298,17 @@ class SegmentSender:
                             segment.id)
             await self._finish(segment, float(event.get("position_s") or 0.0),
                                bool(event.get("interrupted")))
+
+    async def _went(self, reason: str) -> None:
+        """The session is gone: what is unfinished finishes, and so will what comes."""
+        if self.gone is None:
+            self.gone = reason
+            self._ops.clear()
+            self._space.set()
+            log.warning("%s: the avatar no longer speaks", reason)
+            if self.on_gone is not None:
+                await _notify(self.on_gone, reason)
+        await self._finish_all()
 
     async def _expire(self, cut: list[Segment]) -> None:
         """Finish cut segments whose speech.finished never came (the server had not heard
@@ -244,20 +323,19 @@ class SegmentSender:
             return  # finished already: exactly once
         del self.segments[segment.id]
         if self.on_finished is not None:
-            await _call(self.on_finished, segment, position_s, interrupted)
+            await _notify(self.on_finished, segment, position_s, interrupted)
         if not self.segments:
             self._idle.set()  # after the callback: drain() returns once it has run
 
     async def _finish_all(self) -> None:
-        for segment in list(self.segments.values()):
+        while self.segments:
+            segment = next(iter(self.segments.values()))
             await self._finish(segment, segment.played_estimate(), True)
 
 
-async def _call(callback: Callable[..., Awaitable[None] | None], *args: object) -> None:
+async def _notify(callback: Callable[..., Any], *args: object) -> None:
     try:
-        result = callback(*args)
-        if inspect.isawaitable(result):
-            await result
+        await call(callback, *args)
     except asyncio.CancelledError:
         raise
     except Exception:  # the framework's handler failing must not stop the events

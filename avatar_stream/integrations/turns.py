@@ -14,11 +14,10 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import inspect
 import logging
 import time
 
-from avatar_stream.integrations.segments import Link
+from avatar_stream.integrations.segments import Link, call
 
 log = logging.getLogger(__name__)
 
@@ -28,6 +27,8 @@ MAX_THINKING_S = 20.0
 # how long the avatar keeps listening after the user stops, waiting for the framework to
 # say whether the turn ended (LiveKit's endpointing waits 0.5 s by default)
 LISTEN_GRACE_S = 1.5
+# on close, how long the last "idle" may take to go out (the server keeps a state forever)
+CLOSE_TIMEOUT_S = 1.0
 
 
 class TurnStates:
@@ -42,6 +43,7 @@ class TurnStates:
         self.agent_thinking = False
         self._listen_until = 0.0  # time.monotonic(): still listening, the turn undecided
         self.sent = "idle"  # the last state the session took (sessions start idle)
+        self._sending: str | None = None  # a state on its way (it may have arrived)
         self._changed = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
 
@@ -56,12 +58,21 @@ class TurnStates:
     def start(self) -> None:
         self._task = asyncio.create_task(self._run())
 
-    async def close(self) -> None:
-        if self._task is not None:
-            self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
-            self._task = None
+    async def close(self, timeout: float = CLOSE_TIMEOUT_S) -> None:
+        """Stop, leaving the avatar idle: a state the session shows has no timeout there,
+        so one left behind would stay on the user's screen (best effort, ``timeout``)."""
+        if self._task is None:
+            return
+        self._task.cancel()
+        with contextlib.suppress(asyncio.CancelledError):
+            await self._task
+        self._task = None
+        if self.sent != "idle" or self._sending not in (None, "idle"):
+            try:
+                await asyncio.wait_for(call(self.link.set_state, "idle"), timeout)
+                self.sent = "idle"
+            except Exception as exc:  # a timeout included
+                log.warning("turn state 'idle' not sent to the avatar session: %r", exc)
 
     # -- signals ----------------------------------------------------------------------
 
@@ -111,10 +122,9 @@ class TurnStates:
             if state == self.sent:
                 continue
             try:
-                result = self.link.set_state(state)
-                if inspect.isawaitable(result):
-                    await result
-                self.sent = state
+                self._sending = state
+                await call(self.link.set_state, state)
+                self.sent, self._sending = state, None
             except asyncio.CancelledError:
                 raise
             except Exception as exc:  # the speech goes on without it

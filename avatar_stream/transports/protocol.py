@@ -50,6 +50,10 @@ class SpeechProtocol:
         self.rate = 0
         self.channels = 1
         self._cut = False  # the current utterance was interrupted: drop its audio quietly
+        self._received = 0  # bytes of the current utterance since its start
+        # a chunk of it was refused (queue full): the rest is dropped until the sender
+        # starts it again and resends from there, so its speech stays whole and in order
+        self._refused = False
 
     def error(self, code: str, message: str) -> None:
         self.reply(dict(events.error(message, code)))
@@ -110,6 +114,7 @@ class SpeechProtocol:
             self.error(exc.kind, exc.message)
             return
         self.utterance, self.rate, self.channels, self._cut = uid, rate, channels, False
+        self._received, self._refused = 0, False
         self.reply({"type": "ack", "of": "start", "utterance_id": uid})
 
     def _end(self, msg: dict[str, Any]) -> None:
@@ -118,7 +123,7 @@ class SpeechProtocol:
             self.error("no_start", "end without an utterance: send start first")
             return
         if uid == self.utterance:
-            self.utterance, self._cut = None, False
+            self.utterance, self._cut, self._refused = None, False, False
         if not isinstance(uid, str):
             self.error("bad_message", "utterance_id must be a string")
             return
@@ -132,15 +137,26 @@ class SpeechProtocol:
             return
         if self._cut:
             return  # audio of an utterance the listener barged in on: dropped on purpose
+        if self._refused:
+            self.speech.touch(self.utterance)  # waiting for room is not forgetting the end
+            return  # sent before the sender heard of the refusal: it resends it
         if len(data) > self.max_binary_bytes:
             self.error("too_large", f"binary message of {len(data)} bytes; at most "
                                     f"{self.max_binary_bytes}")
             return
+        offset = self._received
+        self._received += len(data)
         try:
             pcm = decode_pcm(data, self.rate, self.channels, "<i2")
             self.speech.push(pcm, self.utterance)
         except SpeechError as exc:
             if exc.kind == "utterance_closed":  # cut by an interrupt from elsewhere
                 self._cut = True
+                return
+            if exc.kind == "queue_full":
+                self._refused = True
+                self.speech.touch(self.utterance)
+                self.reply(dict(events.queue_full(exc.message, self.utterance, offset,
+                                                  exc.retry_after or 1.0)))
                 return
             self.error(exc.kind, exc.message)

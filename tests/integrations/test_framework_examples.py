@@ -7,9 +7,11 @@ WebRTC transport."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import json
 import signal
 import sys
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import aiohttp
@@ -44,12 +46,9 @@ async def test_framework_example_drives_a_watched_session(server, example, tts) 
     tts_args = ["--tts-url", f"http://127.0.0.1:{runner.addresses[0][1]}/v1/audio/speech"] \
         if tts == "endpoint" else []
     try:
-        async with AvatarClient(url, record_mouth=False) as browser:
-            proc = await asyncio.create_subprocess_exec(
-                sys.executable, str(ROOT / "examples" / example), "--server", url,
-                "--session", browser.session_id, "--token", browser.token, *tts_args, *LINES,
-                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
-            )
+        async with AvatarClient(url, record_mouth=False) as browser, running_example(
+                example, "--server", url, "--session", browser.session_id,
+                "--token", browser.token, *tts_args, *LINES) as proc:
             out, _ = await asyncio.wait_for(proc.communicate(), 90)
             rec = browser.received
             assert await until(lambda: len(events(rec, "speech.finished")) >= 2, 5)
@@ -81,35 +80,31 @@ async def test_relay_example_carries_the_avatar_to_a_webrtc_visitor(server) -> N
         pieces = [p async for p in EspeakTTS().stream(text)]
         said[text] = (np.concatenate([p.samples for p in pieces]), pieces[0].rate)
     url, state = server
-    proc = await asyncio.create_subprocess_exec(
-        sys.executable, str(ROOT / "examples" / "pipecat_relay.py"), "--server", url,
-        "--port", "0", "--ice-host-addresses", "127.0.0.1", "--greeting", greeting,
-        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
-    try:
-        banner = ""
-        while not banner.startswith("open http"):  # past Pipecat's own import banner
-            banner = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
-            assert banner, "the bot exited before serving its page"
-        bot_url = banner.split()[-1].rstrip("/")
-        async with aiohttp.ClientSession() as http, http.get(bot_url + "/") as page:
-            assert page.status == 200 and "RTCPeerConnection" in await page.text()
-        visitor = Visitor()
-        await visitor.connect(bot_url + "/api/offer")
-        # the bot's avatar session: the only one on the server
-        assert await until(lambda: len(state.sessions) == 1, 10)
-        finished: list[dict] = []
-        (session,) = state.sessions.values()
-        session.listeners.append(
-            lambda e: finished.append(e) if e["type"] == "speech.finished" else None)
-        assert await until(lambda: visitor.channel.readyState == "open", 10)
-        assert await until(lambda: len(finished) >= 1, 30)  # the greeting
-        visitor.channel.send(json.dumps({"type": "say", "text": line}))
-        assert await until(lambda: len(finished) >= 2, 30)
-        await asyncio.sleep(AUDIO_AFTER_EVENT_S)  # the last frame's voice, after its event
-        await visitor.close()
-        assert await until(lambda: not state.sessions, 15)  # the visitor left: it ends
-    finally:
-        proc.send_signal(signal.SIGTERM)
+    visitor = Visitor()
+    async with running_example(
+            "pipecat_relay.py", "--server", url, "--port", "0", "--ice-host-addresses",
+            "127.0.0.1", "--greeting", greeting) as proc:
+        try:
+            bot_url, banner = await page_of(proc)
+            async with aiohttp.ClientSession() as http, http.get(bot_url + "/") as page:
+                assert page.status == 200 and "RTCPeerConnection" in await page.text()
+            await visitor.connect(bot_url + "/api/offer")
+            # the bot's avatar session: the only one on the server
+            assert await until(lambda: len(state.sessions) == 1, 10)
+            finished: list[dict] = []
+            (session,) = state.sessions.values()
+            session.listeners.append(
+                lambda e: finished.append(e) if e["type"] == "speech.finished" else None)
+            assert await until(lambda: visitor.channel.readyState == "open", 10)
+            assert await until(lambda: len(finished) >= 1, 30)  # the greeting
+            visitor.channel.send(json.dumps({"type": "say", "text": line}))
+            assert await until(lambda: len(finished) >= 2, 30)
+            await asyncio.sleep(AUDIO_AFTER_EVENT_S)  # the last frame's voice, after its event
+            await visitor.close()
+            assert await until(lambda: not state.sessions, 15)  # the visitor left: it ends
+        finally:
+            await visitor.close()
+            proc.send_signal(signal.SIGTERM)
         out, _ = await asyncio.wait_for(proc.communicate(), 30)
     text = banner + out.decode()
     print(text[-2000:])
@@ -129,3 +124,84 @@ async def test_relay_example_carries_the_avatar_to_a_webrtc_visitor(server) -> N
         offsets.append(offset)
     assert offsets[0] < offsets[1]
 
+
+@pytest.mark.parametrize("example", ["pipecat_avatar.py", "livekit_avatar.py",
+                                     "voice_assistant.py"])
+async def test_ctrl_c_ends_a_framework_example_waiting_for_typed_lines(server, example) -> None:
+    """Ctrl-C while the example waits for the user to type a line (nothing said): it ends,
+    cleanly and at once, without a line typed; the browser's session stays."""
+    url, state = server
+    async with AvatarClient(url, record_mouth=False) as browser, running_example(
+            example, "--server", url, "--session", browser.session_id,
+            "--token", browser.token, stdin=True) as proc:
+        assert proc.stdout is not None
+        line = ""
+        while not line.startswith("driving session"):
+            line = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+            assert line, "the example exited before it waited for a line"
+        proc.send_signal(signal.SIGINT)
+        await asyncio.wait_for(proc.wait(), 20)  # its stdin still open: nothing typed
+        out = await proc.stdout.read()
+        assert browser.session_id in state.sessions
+    assert proc.returncode == 0, out.decode()[-2000:]
+    assert "Traceback" not in out.decode()
+
+
+async def test_relay_example_refuses_bad_offers_and_drops_a_visitor_that_never_connects(
+        server) -> None:
+    """examples/pipecat_relay.py: an offer without an SDP is a 400 with a message; a
+    visitor whose connection never comes up (it never takes the bot's answer) does not
+    hold its pipeline and avatar session for good: they end after --connect-timeout."""
+    url, state = server
+    visitor = Visitor()
+    async with running_example(
+            "pipecat_relay.py", "--server", url, "--port", "0", "--ice-host-addresses",
+            "127.0.0.1", "--connect-timeout", "3") as proc:
+        try:
+            bot_url, banner = await page_of(proc)
+            async with aiohttp.ClientSession() as http:
+                for body in ({}, {"type": "offer"}, [1, 2]):
+                    async with http.post(bot_url + "/api/offer", json=body) as r:
+                        assert r.status == 400 and "sdp" in (await r.json())["error"]
+                async with http.post(bot_url + "/api/offer", data=b"not json") as r:
+                    assert r.status == 400
+                async with http.post(bot_url + "/api/offer", json={
+                        "sdp": await visitor.offer(), "type": "offer"}) as r:
+                    assert r.status == 200  # its answer never reaches the visitor's side
+            assert await until(lambda: len(state.sessions) == 1, 15)  # its avatar session
+            assert await until(lambda: not state.sessions, 20)  # ended, unwatched
+        finally:
+            await visitor.close()
+            proc.send_signal(signal.SIGTERM)
+        out, _ = await asyncio.wait_for(proc.communicate(), 30)
+    text = banner + out.decode()
+    assert proc.returncode == 0, text[-2000:]
+    assert "visitor never connected" in text and "visitor connected" not in text
+
+
+@contextlib.asynccontextmanager
+async def running_example(name: str, *args: str, stdin: bool = False
+                          ) -> AsyncIterator[asyncio.subprocess.Process]:
+    """examples/<name> as a user runs it, its output piped (and its input, with ``stdin``);
+    however the test ends, it does not outlive it (killed if still running, waited for)."""
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable, str(ROOT / "examples" / name), *args,
+        stdin=asyncio.subprocess.PIPE if stdin else None,
+        stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT)
+    try:
+        yield proc
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                proc.kill()
+            await proc.wait()
+
+
+async def page_of(proc: asyncio.subprocess.Process) -> tuple[str, str]:
+    """The bot's URL from its banner (past Pipecat's own import banner), and the banner."""
+    banner = ""
+    while not banner.startswith("open http"):
+        assert proc.stdout is not None
+        banner = (await asyncio.wait_for(proc.stdout.readline(), 60)).decode()
+        assert banner, "the bot exited before serving its page"
+    return banner.split()[-1].rstrip("/"), banner

@@ -12,14 +12,23 @@ import time
 import numpy as np
 import pytest
 from conftest import espeak
+from livekit import rtc
 from livekit.agents import Agent, AgentSession
 from livekit.agents.voice.io import PlaybackFinishedEvent, PlaybackStartedEvent
 from livekit_parts import EnergySTT, ScriptedLLM, UserMic
 from loopback_server import loopback_server  # noqa: F401  (the fixture `server`)
 from speech_backend import RecordingEspeak
-from speechtools import AUDIO_AFTER_EVENT_S, envelope, envelope_match, received_between
+from speechtools import (
+    AUDIO_AFTER_EVENT_S,
+    at_rate,
+    envelope,
+    envelope_match,
+    received_between,
+    until,
+)
 
 from avatar_stream.client.avatarclient import AvatarClient
+from avatar_stream.client.sessioncontrol import to_pcm16
 from avatar_stream.integrations.livekit import AvatarSession, AvatarStreamTTS
 from avatar_stream.media import OUT_RATE
 
@@ -78,7 +87,7 @@ async def test_reply_barge_in_and_position_through_an_agent_session(server, spee
             "speech.finished", lambda e: e["utterance_id"] == okay["utterance_id"]), 30)
         await asyncio.sleep(AUDIO_AFTER_EVENT_S)  # the last frame's audio, after its event
         await session.aclose()
-        assert await _until_closed(avatar)
+        assert await until(lambda: not avatar.control.connected, 5)
         assert browser.session_id in state.sessions  # the browser's session outlives the agent
 
     # the story was cut by the barge-in, the answer to it played in full
@@ -114,10 +123,33 @@ async def test_reply_barge_in_and_position_through_an_agent_session(server, spee
     assert "listening" in shown[3:] and shown[-1] == "idle"
 
 
-async def _until_closed(avatar: AvatarSession, timeout: float = 5.0) -> bool:
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
-        if not avatar.control.connected:
-            return True
-        await asyncio.sleep(0.02)
-    return False
+
+
+async def test_closing_the_avatar_mid_reply_stops_it_and_leaves_it_idle(server, speech48k) -> None:
+    """The agent's avatar closed (the job ends, is cancelled) while a reply plays and the
+    user has started to talk: the browser's avatar stops speaking at once, the segment is
+    reported finished (interrupted), and the avatar does not stay listening."""
+    url, state = server
+    async with AvatarClient(url, record_mouth=False) as browser:
+        session = state.sessions[browser.session_id]
+        agent_session = AgentSession(vad=None, turn_handling={"turn_detection": None})
+        avatar = AvatarSession(url, browser.session_id, browser.token)
+        await avatar.start(agent_session)
+        output = avatar.output
+        finished: list[PlaybackFinishedEvent] = []
+        output.on("playback_finished", finished.append)
+        pcm = to_pcm16(at_rate(speech48k, 24_000)[: 8 * 24_000])[0]  # 8 s, captured at once
+        for i in range(0, len(pcm), 960):
+            await output.capture_frame(rtc.AudioFrame(pcm[i : i + 960], 24_000, 1, 480))
+        await asyncio.wait_for(browser.wait_event("speech.started"), 10)
+        avatar.turns.user_started()
+        assert await until(lambda: session.turn.requested == "listening", 5)
+        await avatar.aclose()
+        t_closed = time.perf_counter()
+        cut = await asyncio.wait_for(browser.wait_event("speech.finished"), 5)
+        t_cut = time.perf_counter()
+        assert await until(lambda: session.turn.shown == "idle", 5)
+        await agent_session.aclose()
+    assert cut["interrupted"] and cut["position_s"] < 6.0
+    assert t_cut - t_closed < 1.0
+    assert [f.interrupted for f in finished] == [True]

@@ -18,6 +18,8 @@ from pipecat.frames.frames import (
     BotSpeakingFrame,
     BotStartedSpeakingFrame,
     BotStoppedSpeakingFrame,
+    CancelFrame,
+    ErrorFrame,
     InterruptionFrame,
     OutputAudioRawFrame,
     OutputImageRawFrame,
@@ -45,6 +47,7 @@ from webrtc_visitor import Visitor
 
 from avatar_stream.bench.lipsync import measure_lipsync
 from avatar_stream.client.avatarclient import AvatarClient
+from avatar_stream.integrations import pipecat as pipecat_adapter
 from avatar_stream.integrations.pipecat import (
     AvatarStreamSessionDriver,
     AvatarStreamTTSService,
@@ -145,6 +148,8 @@ async def test_relay_frames_are_lip_synced_at_25_fps_with_the_speech_in_order(se
         assert r >= 0.85
         offsets.append((offset, len(samples) / sr))
     assert offsets[0][0] + offsets[0][1] - 0.1 <= offsets[1][0]
+    # the last reply's media all went down before the EndFrame ended the pipeline
+    assert len(got) / rate >= offsets[1][0] + offsets[1][1]
 
     # and the lips move with it, as a transport that plays both at a steady rate shows them
     # (arrival times smoothed: the machine's load jitters them, a player's buffer does not)
@@ -213,6 +218,55 @@ async def test_relay_barge_in_cuts_the_speech_at_the_server_and_the_next_reply_p
     assert await until(lambda: not state.sessions, 10)
 
 
+async def test_relay_ends_without_blocking_the_event_loop(server, monkeypatch) -> None:
+    """A picture conversion still running on the relay's converter thread when the
+    pipeline ends (a loaded machine): the relay waits for that thread off the event loop,
+    which goes on running meanwhile (every other session of the bot's process with it)."""
+    url, state = server
+    release, done = threading.Event(), threading.Event()
+    beats = [time.perf_counter()]
+    real_rgb = pipecat_adapter._rgb_bytes
+
+    def stuck_rgb(frame):  # in flight at the end: it finishes when the test says so
+        release.wait(10)
+        return real_rgb(frame)
+
+    monkeypatch.setattr(pipecat_adapter, "_rgb_bytes", stuck_rgb)
+    avatar = relay(url)
+
+    async def heartbeat() -> None:
+        had_client = False
+        while True:
+            beats.append(time.perf_counter())
+            had_client = had_client or avatar.client is not None
+            if had_client and avatar.client is None:
+                release.set()  # the relay is closing: the conversion may end now
+            await asyncio.sleep(0.02)
+
+    def watchdog() -> None:  # a loop stalled for a second: let the conversion end
+        while not done.wait(0.05):
+            if time.perf_counter() - beats[-1] > 1.0:
+                release.set()
+
+    beating = asyncio.create_task(heartbeat())
+    guard = threading.Thread(target=watchdog, name="test-watchdog")
+    guard.start()
+    try:
+        (tts, _), out = espeak_tts(), Recorder()
+        await run_test(Pipeline([tts, avatar, out]), frames_to_send=[TTSSpeakFrame(SECOND)],
+                       start_timeout=30)
+    finally:
+        done.set()
+        release.set()
+        guard.join()
+        beating.cancel()
+    stall = max(b - a for a, b in zip(beats, beats[1:], strict=False))
+    print(f"relay end: the event loop's longest stall {1000 * stall:.0f} ms")
+    assert stall < 0.5
+    assert out.of(BotStoppedSpeakingFrame)
+    assert await until(lambda: not state.sessions, 10)
+
+
 async def test_driver_speaks_through_the_browsers_session_and_sets_turn_states(server) -> None:
     """The browser-direct shape: an aiortc client stands in for the browser that holds and
     watches the session; the pipeline drives it with the session id and token only."""
@@ -262,6 +316,63 @@ async def test_driver_speaks_through_the_browsers_session_and_sets_turn_states(s
     print(f"driver: states shown {states}")
     assert states[:3] == ["listening", "thinking", "speaking"] and states[-1] == "idle"
     assert "thinking" not in states[3:]  # the answer came: not thinking again after it
+
+
+async def test_driver_goes_on_when_the_session_ends_under_it(server) -> None:
+    """The browser's session deleted while the bot speaks: the pipeline hears of it (a
+    non-fatal ErrorFrame upstream), the next reply finishes at once, and the EndFrame
+    ends the pipeline without waiting for an avatar that is gone."""
+    url, state = server
+    async with AvatarClient(url, record_mouth=False) as browser:
+        driver = AvatarStreamSessionDriver(url=url, session_id=browser.session_id,
+                                           token=browser.token)
+        (tts, _), out = espeak_tts(), Recorder()
+
+        async def delete_once_speaking() -> None:
+            await asyncio.wait_for(browser.wait_event("speech.started"), 30)
+            await browser.delete()
+
+        deleting = asyncio.create_task(delete_once_speaking())
+        try:
+            _, up = await asyncio.wait_for(run_test(
+                Pipeline([tts, driver, out]),
+                frames_to_send=[TTSSpeakFrame(LONG), SleepFrame(3.0), TTSSpeakFrame(SECOND)],
+                start_timeout=30,
+            ), 40)  # the driver's drain timeout is 60 s: a stalled EndFrame would show
+        finally:
+            await deleting
+    errors = [f for f in up if isinstance(f, ErrorFrame)]
+    assert len(errors) == 1 and "ended" in errors[0].error and not errors[0].fatal
+    assert out.of(BotStartedSpeakingFrame) and out.of(BotStoppedSpeakingFrame)
+
+
+async def test_cancelling_the_driver_stops_the_avatar_and_leaves_it_idle(server) -> None:
+    """A CancelFrame while the avatar speaks a long reply and the user has started to talk:
+    the browser's avatar stops speaking at once (not the rest of the reply) and does not
+    stay listening (the server's turn state has no timeout)."""
+    url, state = server
+    async with AvatarClient(url, record_mouth=False) as browser:
+        session = state.sessions[browser.session_id]
+        driver = AvatarStreamSessionDriver(url=url, session_id=browser.session_id,
+                                           token=browser.token)
+        (tts, _), tap = espeak_tts(), Recorder()
+        await asyncio.wait_for(run_test(
+            Pipeline([tts, tap, driver]),
+            frames_to_send=[TTSSpeakFrame(LONG), SleepFrame(2.5), UserStartedSpeakingFrame(),
+                            SleepFrame(0.3), CancelFrame()],
+            send_end_frame=False, start_timeout=30,
+        ), 30)
+        t_cancelled = time.perf_counter()
+        rec = browser.received
+        assert await until(lambda: events(rec, "speech.finished"), 5)
+        assert await until(lambda: session.turn.shown == "idle", 5)
+    (t_started, started), = events(rec, "speech.started")
+    (t_finished, finished), = events(rec, "speech.finished")
+    assert finished["utterance_id"] == started["utterance_id"] == \
+        tap.of(TTSStartedFrame)[0][1].context_id
+    assert finished["interrupted"] and finished["position_s"] < 5.0
+    assert t_finished - t_cancelled < 1.0
+    assert session.turn.requested == "idle"
 
 
 @pytest.fixture

@@ -26,7 +26,8 @@ async def test_signals_become_states_and_none_outlives_its_reason(server) -> Non
                                  if e["type"] == "state.changed" else None)
         control = SessionControl(url, browser.session_id, browser.token)
         await control.connect()
-        turns = TurnStates(control, max_thinking_s=0.4, listen_grace_s=0.3)
+        link = CountingLink(control)
+        turns = TurnStates(link, max_thinking_s=0.4, listen_grace_s=0.3)
         turns.start()
 
         def now_shows(expected: str):
@@ -56,13 +57,46 @@ async def test_signals_become_states_and_none_outlives_its_reason(server) -> Non
         assert await now_shows("listening")
         turns.user_stopped(thinking=None)
         assert await now_shows("idle")
-        # only changes are sent: the same state twice is one message
-        sent_before = turns.sent
+        # only changes are sent: signals that leave the state as it is send nothing
+        sent_before = list(link.sent)
         turns.thinking(False)
         turns.reply_started()
-        assert turns.sent == sent_before == "idle"
-        await turns.close()
+        turns.user_started()  # and back: the task sees the latest state only
+        turns.user_stopped(thinking=False)
+        assert await until(lambda: len(link.sent) > len(sent_before), 1.0) is False
+        await turns.close()  # idle already: nothing to send
         await control.close()
+    assert link.sent == sent_before
     states = [s for _, s in shown]
     assert states == ["listening", "thinking", "idle", "listening", "thinking", "idle",
                       "listening", "idle"]
+    assert link.sent == states  # each change sent once, nothing else
+
+
+class CountingLink:
+    """A link that notes every state set through it (the real session gets it too)."""
+
+    def __init__(self, control: SessionControl) -> None:
+        self.control = control
+        self.sent: list[str] = []
+
+    async def set_state(self, state: str) -> None:
+        self.sent.append(state)
+        await self.control.set_state(state)
+
+
+async def test_closing_leaves_the_avatar_idle(server) -> None:
+    """Closed while the user speaks (the adapter cancelled, the agent gone): the avatar
+    does not stay listening for good (the server's state has no timeout)."""
+    url, state = server
+    async with AvatarClient(url, record_mouth=False) as browser:
+        session = state.sessions[browser.session_id]
+        control = SessionControl(url, browser.session_id, browser.token)
+        await control.connect()
+        turns = TurnStates(control)
+        turns.start()
+        turns.user_started()
+        assert await until(lambda: session.turn.shown == "listening", 5)
+        await turns.close()
+        assert await until(lambda: session.turn.shown == "idle", 5)
+        await control.close()

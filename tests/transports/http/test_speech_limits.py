@@ -67,6 +67,9 @@ async def test_overflow_is_429_and_nothing_queued_is_lost(server) -> None:
             await ws.send_bytes((two * 32767).astype("<i2").tobytes()[:MAX_MESSAGE])
             error = await ws_reply(ws)
             assert error["type"] == "error" and error["code"] == "queue_full"
+            # it names the chunk, so the sender can resend it once there is room
+            assert (error["utterance_id"], error["offset"]) == ("ws", 0)
+            assert error["retry_after"] > 0
             await ws.send_json({"type": "end"})
         finished = await wait_finished(client.received, "first", 10, settle=0)
         assert finished["position_s"] == pytest.approx(3.0, abs=0.03)
