@@ -21,6 +21,7 @@ import soxr
 from avatar_stream.bench import chromium, impaired, report, soak
 from avatar_stream.bench.runner import client_processes, run_sessions, server_or_url
 from avatar_stream.client.avatarclient import AUDIO_PREFETCH, MIC_RATE
+from avatar_stream.client.sessioncontrol import RequestError
 from avatar_stream.scale.capacity import cores
 from avatar_stream.transports.webrtc.ice import parse_addresses
 
@@ -166,8 +167,14 @@ async def find_capacity(args: argparse.Namespace, speech: np.ndarray, hosts: lis
                   f"process{'es' if workers > 1 else ''}, the clients in {clients[1]}",
                   file=sys.stderr, flush=True)
             for n in (n for n in CAPACITY_LEVELS if n >= start):
-                results, cpu = await run_sessions(url, speech, n, args, measured=args.measured,
-                                                  clients=clients)
+                try:
+                    results, cpu = await run_sessions(url, speech, n, args,
+                                                      measured=args.measured, clients=clients)
+                except RequestError as exc:  # the server's own limit (its --max-sessions)
+                    levels.append({"sessions": n, "refused": str(exc), "ok": False})
+                    print(f"  {n:2d} sessions: the server refused one ({exc}) -> over",
+                          file=sys.stderr, flush=True)
+                    break
                 summary = report.summarise(results)
                 echo_p95 = summary["echo latency"].get("p95", float("inf"))
                 min_fps = min(r.fps for r in results)
@@ -193,7 +200,7 @@ def capacity_lines(cap: dict[str, Any]) -> list[str]:
              f"with p95 echo latency <= {cap['max_echo_p95_ms']:g} ms"]
     costs = [(lv["sessions"], lv["cpu"].per_session(lv["cpu"].server_cores),
               lv["cpu"].client_cores, lv["cpu"].busy)
-             for lv in cap["levels"] if lv["cpu"] is not None and lv["cpu"].server_cores]
+             for lv in cap["levels"] if lv.get("cpu") is not None and lv["cpu"].server_cores]
     if costs:
         n, each, client, busy = costs[-1]
         lines.append(

@@ -24,7 +24,7 @@ from typing import Any
 import numpy as np
 
 from avatar_stream.bench import netns, report
-from avatar_stream.bench.runner import SessionResult, run_sessions, wait_healthy
+from avatar_stream.bench.runner import SERVER_OPTIONS, SessionResult, run_sessions, wait_healthy
 from avatar_stream.scale.capacity import cores
 
 SERVER_PORT = 8080
@@ -95,7 +95,7 @@ async def impaired_bench(args: argparse.Namespace, speech: np.ndarray) -> dict[s
         client_args.ice_host_addresses = ""
         log = Path(tmp) / "server.log"
         with netns.serve_in(link.server_ns, link.server_ip, SERVER_PORT, args.engine, log,
-                            "--max-sessions", "64") as server, \
+                            *SERVER_OPTIONS) as server, \
                 clients_in(link.client_ns, min(args.sessions, cores())) as clients:
             loop = asyncio.get_running_loop()
             try:

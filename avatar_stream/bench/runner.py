@@ -329,6 +329,12 @@ def _interrupt_delays(times: list[float], frames: list[np.ndarray], interrupts: 
     return out
 
 
+# the bench's own servers: room for every level of --find-capacity, and no per-address
+# creation limit (every session comes from this one address, dozens of them a minute)
+MAX_SESSIONS = 64
+SERVER_OPTIONS = ("--max-sessions", str(MAX_SESSIONS), "--sessions-per-ip", "0")
+
+
 @contextlib.asynccontextmanager
 async def server_or_url(
     url: str | None, engine: str, host_addresses: list[str], own_process: bool = False,
@@ -347,7 +353,8 @@ async def server_or_url(
     from avatar_stream.transports.http.app import running_server
 
     config = ServerConfig(host="127.0.0.1", port=0, engine=engine,
-                          ice_host_addresses=host_addresses, max_sessions=64)
+                          ice_host_addresses=host_addresses, max_sessions=MAX_SESSIONS,
+                          sessions_per_ip_per_minute=0)
     async with running_server(config) as (local_url, _):
         yield local_url
 
@@ -360,7 +367,7 @@ async def _server_process(engine: str, host_addresses: list[str], workers: str =
         port = s.getsockname()[1]
     proc = await asyncio.create_subprocess_exec(
         sys.executable, "-m", "avatar_stream", "serve", "--port", str(port),
-        "--engine", engine, "--max-sessions", "64",
+        "--engine", engine, *SERVER_OPTIONS,
         "--ice-host-addresses", ",".join(host_addresses), "--workers", workers,
         stdout=asyncio.subprocess.DEVNULL, stderr=asyncio.subprocess.DEVNULL,
     )

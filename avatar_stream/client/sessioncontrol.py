@@ -45,6 +45,10 @@ class RequestError(RuntimeError):
         self.status = status
         self.message = message
 
+    def __reduce__(self) -> tuple[type[RequestError], tuple[int, str]]:
+        """Picklable as it was made (the bench's client processes send it back)."""
+        return RequestError, (self.status, self.message)
+
 
 # -- audio in any form -> what the server takes ---------------------------------------------
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import pickle
 import subprocess
 import sys
 import time
@@ -17,6 +18,9 @@ from avatar_stream.bench import analysis as A
 from avatar_stream.bench.machine import CpuMeter
 from avatar_stream.bench.runner import client_processes, run_session, run_sessions, server_or_url
 from avatar_stream.client.avatarclient import AUDIO_PREFETCH
+from avatar_stream.client.sessioncontrol import RequestError
+from avatar_stream.config import ServerConfig
+from avatar_stream.transports.http.app import running_server
 
 
 def chunked(samples: np.ndarray, t0: float, rate: int = 48000, n: int = 960, jitter: float = 0.0,
@@ -146,3 +150,21 @@ async def test_sessions_spread_over_client_processes(speech48k) -> None:
     full_echo = np.median([e[1] for e in full.echo])
     for r in load:
         assert abs(np.median([e[1] for e in r.echo]) - full_echo) < 0.06, (r.echo, full.echo)
+
+
+async def test_a_session_refused_in_a_client_process_reaches_the_bench_as_it_was(
+        speech48k) -> None:
+    """A server's refusal inside a client process comes back whole (status and why), so
+    --find-capacity stops at the server's limit instead of losing its process pool."""
+    err = pickle.loads(pickle.dumps(RequestError(503, "server full (1 sessions)")))
+    assert (err.status, err.message) == (503, "server full (1 sessions)")
+    args = argparse.Namespace(duration=3.0, mode="live", interrupt_every=0,
+                              audio_buffer=AUDIO_PREFETCH, ice_host_addresses="127.0.0.1")
+    config = ServerConfig(host="127.0.0.1", port=0, engine="still", max_sessions=1,
+                          ice_host_addresses=["127.0.0.1"])
+    async with running_server(config) as (url, _):
+        with client_processes(True) as clients:
+            with pytest.raises(RequestError) as refused:
+                await run_sessions(url, speech48k[: 48000 * 2], 2, args, measured=1,
+                                   clients=clients)
+    assert refused.value.status == 503 and "full" in refused.value.message
