@@ -7,7 +7,9 @@ framework tests."""
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import subprocess
+from collections.abc import AsyncIterator
 
 import numpy as np
 from aiohttp import web
@@ -26,6 +28,7 @@ class StandInTTS:
     def __init__(self) -> None:
         self.requests: list[tuple[dict, dict]] = []
         self.mode = "ok"  # ok | error | mp3 | slow
+        self.url = ""  # its endpoint, once served (serving_stand_in)
 
     async def speech(self, request: web.Request) -> web.StreamResponse:
         body = await request.json()
@@ -54,3 +57,19 @@ class StandInTTS:
             await asyncio.sleep(0.002)
         await resp.write_eof()
         return resp
+
+
+@contextlib.asynccontextmanager
+async def serving_stand_in() -> AsyncIterator[StandInTTS]:
+    """The stand-in served on 127.0.0.1 (its endpoint in ``url``), stopped on the way out."""
+    tts = StandInTTS()
+    app = web.Application()
+    app.router.add_post("/v1/audio/speech", tts.speech)
+    runner = web.AppRunner(app)
+    await runner.setup()
+    try:
+        await web.TCPSite(runner, "127.0.0.1", 0).start()
+        tts.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/audio/speech"
+        yield tts
+    finally:
+        await runner.cleanup()

@@ -8,9 +8,8 @@ import sys
 from pathlib import Path
 
 import pytest
-from aiohttp import web
 from speechtools import events, until
-from standin_tts import StandInTTS
+from standin_tts import serving_stand_in
 
 from avatar_stream.client.avatarclient import AvatarClient
 from avatar_stream.config import ServerConfig
@@ -23,16 +22,10 @@ pytestmark = [pytest.mark.timeout(90)]
 @pytest.mark.parametrize("via, tts", [("ws", "espeak"), ("http", "espeak"), ("ws", "endpoint")])
 async def test_voice_assistant_example_drives_a_watched_session(via, tts) -> None:
     config = ServerConfig(host="127.0.0.1", port=0, ice_host_addresses=["127.0.0.1"])
-    stand_in = StandInTTS()  # an OpenAI-compatible TTS endpoint on 127.0.0.1 (standin_tts.py)
-    app = web.Application()
-    app.router.add_post("/v1/audio/speech", stand_in.speech)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    tts_args = ["--tts-url", f"http://127.0.0.1:{runner.addresses[0][1]}/v1/audio/speech"] \
-        if tts == "endpoint" else []
-    async with running_server(config) as (url, state), \
+    # an OpenAI-compatible TTS endpoint on 127.0.0.1 (standin_tts.py)
+    async with serving_stand_in() as stand_in, running_server(config) as (url, state), \
             AvatarClient(url, record_mouth=False) as watcher:
+        tts_args = ["--tts-url", stand_in.url] if tts == "endpoint" else []
         proc = await asyncio.create_subprocess_exec(
             sys.executable, str(ROOT / "examples" / "voice_assistant.py"),
             "--server", url, "--session", watcher.session_id, "--token", watcher.token,
@@ -40,7 +33,6 @@ async def test_voice_assistant_example_drives_a_watched_session(via, tts) -> Non
             stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.STDOUT,
         )
         out, _ = await asyncio.wait_for(proc.communicate(), 60)
-    await runner.cleanup()
     text = out.decode()
     print(text)
     assert proc.returncode == 0, text

@@ -10,9 +10,8 @@ from __future__ import annotations
 
 import pytest
 import pytest_asyncio
-from aiohttp import web
 from speechtools import envelope_match, received_between, utterance_window, wait_finished
-from standin_tts import StandInTTS, espeak_wav
+from standin_tts import espeak_wav, serving_stand_in
 
 from avatar_stream.audio.decode import decode_wav
 from avatar_stream.client.avatarclient import AvatarClient, RequestError
@@ -26,16 +25,8 @@ TEXT = "Hello, I am speaking from a text to speech endpoint."
 
 @pytest_asyncio.fixture(loop_scope="module", scope="module")
 async def stand_in():
-    tts = StandInTTS()
-    app = web.Application()
-    app.router.add_post("/v1/audio/speech", tts.speech)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    site = web.TCPSite(runner, "127.0.0.1", 0)
-    await site.start()
-    tts.url = f"http://127.0.0.1:{runner.addresses[0][1]}/v1/audio/speech"
-    yield tts
-    await runner.cleanup()
+    async with serving_stand_in() as tts:
+        yield tts
 
 
 async def say_and_check(url: str, text: str) -> tuple[dict, float, float]:

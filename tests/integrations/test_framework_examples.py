@@ -17,10 +17,9 @@ from pathlib import Path
 import aiohttp
 import numpy as np
 import pytest
-from aiohttp import web
 from loopback_server import loopback_server  # noqa: F401  (the fixture `server`)
 from speechtools import AUDIO_AFTER_EVENT_S, envelope_match, events, until
-from standin_tts import StandInTTS
+from standin_tts import serving_stand_in
 from webrtc_visitor import Visitor
 
 from avatar_stream.audio.tts import EspeakTTS
@@ -37,15 +36,9 @@ LINES = ["Hello from the example.", "And a second line."]
 ])
 async def test_framework_example_drives_a_watched_session(server, example, tts) -> None:
     url, state = server
-    stand_in = StandInTTS()  # an OpenAI-compatible TTS endpoint on 127.0.0.1 (standin_tts.py)
-    app = web.Application()
-    app.router.add_post("/v1/audio/speech", stand_in.speech)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    await web.TCPSite(runner, "127.0.0.1", 0).start()
-    tts_args = ["--tts-url", f"http://127.0.0.1:{runner.addresses[0][1]}/v1/audio/speech"] \
-        if tts == "endpoint" else []
-    try:
+    # an OpenAI-compatible TTS endpoint on 127.0.0.1 (standin_tts.py)
+    async with serving_stand_in() as stand_in:
+        tts_args = ["--tts-url", stand_in.url] if tts == "endpoint" else []
         async with AvatarClient(url, record_mouth=False) as browser, running_example(
                 example, "--server", url, "--session", browser.session_id,
                 "--token", browser.token, *tts_args, *LINES) as proc:
@@ -53,8 +46,6 @@ async def test_framework_example_drives_a_watched_session(server, example, tts) 
             rec = browser.received
             assert await until(lambda: len(events(rec, "speech.finished")) >= 2, 5)
             assert browser.session_id in state.sessions  # the bot leaves the session open
-    finally:
-        await runner.cleanup()
     text = out.decode()
     print(text[-3000:])
     assert proc.returncode == 0, text[-3000:]
